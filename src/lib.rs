@@ -1,0 +1,22 @@
+//! runpilot starts, supervises, persists and reports long-running,
+//! tenant-scoped admin operations ("runs") for multi-tenant admin products.
+//!
+//! The crate, from the bottom up (dependencies point one way):
+//! - [`domain`]: ids, run types, statuses, the rules that decide an outcome.
+//! - [`store`]: runs and items as rows (SQLite); one writer, many readers.
+//! - [`runtime`]: the actors. A `TenantRegistry` per tenant owns the dedup
+//!   key → `RunActor` map; a `RunActor` per live run supervises its items'
+//!   attempts and persists every transition before it reports it.
+//! - [`http`]: the API (actix-web). Handlers only send messages through the
+//!   runtime's [`runtime::Directory`]; they never touch the store.
+//! - [`startup`]: builds the whole application; [`config`], [`cli`] and
+//!   [`telemetry`] serve the binary.
+
+pub mod cli;
+pub mod config;
+pub mod domain;
+pub mod http;
+pub mod runtime;
+pub mod startup;
+pub mod store;
+pub mod telemetry;

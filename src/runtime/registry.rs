@@ -1,0 +1,225 @@
+//! `TenantRegistry`: one per tenant. It owns the map from dedup key to the
+//! live run holding it, decides de-duplication (starts are handled one at a
+//! time), and gives each tenant at most `max_active_runs_per_tenant` runs
+//! executing at once; more wait as `queued`, started in creation order.
+
+use std::collections::{HashMap, VecDeque};
+
+use actix::prelude::*;
+
+use super::run::{self, RunActor};
+use super::{RegistryError, Shared, Started};
+use crate::domain::{DedupKey, ItemId, RunId, RunRecord, RunStatus, RunType, TenantId, now};
+use crate::store::{Created, NewRun};
+
+/// Start a run, or answer the active run that holds the key.
+#[derive(Message)]
+#[rtype(result = "Result<Started, RegistryError>")]
+pub(super) struct StartRun {
+    pub key: DedupKey,
+    pub item_ids: Option<Vec<ItemId>>,
+}
+
+/// A run of this tenant, live or from the store.
+#[derive(Message)]
+#[rtype(result = "Result<Option<RunRecord>, RegistryError>")]
+pub(super) struct GetRun {
+    pub run_type: RunType,
+    pub id: RunId,
+}
+
+/// Take back an unfinished run found in the store at start-up.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(super) struct AdoptRun {
+    pub run: RunRecord,
+}
+
+/// A run's terminal transition committed; its actor is stopping.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct RunFinished {
+    pub id: RunId,
+}
+
+/// A live run as the registry knows it.
+struct LiveRun {
+    addr: Addr<RunActor>,
+    key: DedupKey,
+    /// It holds one of the tenant's execution slots.
+    begun: bool,
+}
+
+pub struct TenantRegistry {
+    tenant: TenantId,
+    shared: Shared,
+    /// Dedup key → the live run holding it (the fast answer; the store's
+    /// unique index is the final word).
+    by_key: HashMap<DedupKey, RunId>,
+    /// Every run of this tenant with a live actor.
+    live: HashMap<RunId, LiveRun>,
+    /// Runs waiting for a slot, oldest first.
+    waiting: VecDeque<RunId>,
+    /// Runs holding a slot.
+    executing: usize,
+}
+
+impl TenantRegistry {
+    pub(super) fn new(tenant: TenantId, shared: Shared) -> Self {
+        Self {
+            tenant,
+            shared,
+            by_key: HashMap::new(),
+            live: HashMap::new(),
+            waiting: VecDeque::new(),
+            executing: 0,
+        }
+    }
+
+    /// Starts an actor for the run; it begins now when a slot is free (or
+    /// when `holds_slot`: it was executing before a restart).
+    fn launch(&mut self, run: RunRecord, holds_slot: bool, ctx: &mut Context<Self>) {
+        let id = run.id;
+        let key = run.dedup_key();
+        let addr = RunActor::new(run, self.shared.clone(), ctx.address()).start();
+        self.by_key.insert(key.clone(), id);
+        self.live.insert(
+            id,
+            LiveRun {
+                addr,
+                key,
+                begun: false,
+            },
+        );
+        if holds_slot || self.executing < self.max_executing() {
+            self.begin(id);
+        } else {
+            self.waiting.push_back(id);
+        }
+    }
+
+    fn begin(&mut self, id: RunId) {
+        if let Some(live) = self.live.get_mut(&id)
+            && !live.begun
+        {
+            live.begun = true;
+            self.executing += 1;
+            live.addr.do_send(run::Begin);
+        }
+    }
+
+    fn max_executing(&self) -> usize {
+        self.shared.config.limits.max_active_runs_per_tenant as usize
+    }
+}
+
+impl Actor for TenantRegistry {
+    type Context = Context<Self>;
+}
+
+impl Handler<StartRun> for TenantRegistry {
+    type Result = AtomicResponse<Self, Result<Started, RegistryError>>;
+
+    fn handle(&mut self, msg: StartRun, _: &mut Context<Self>) -> Self::Result {
+        let holder = self
+            .by_key
+            .get(&msg.key)
+            .and_then(|id| self.live.get(id))
+            .map(|live| live.addr.clone());
+        let store = self.shared.store.clone();
+        let new_run = NewRun {
+            id: RunId::new(),
+            tenant: self.tenant.clone(),
+            key: msg.key,
+            item_ids: msg.item_ids,
+            created_at: now(),
+        };
+        AtomicResponse::new(Box::pin(
+            async move {
+                if let Some(addr) = holder {
+                    // A run that ended but whose `RunFinished` is still on its
+                    // way is not reused: the store decides below.
+                    if let Ok(run) = addr.send(run::GetRun).await
+                        && run.status.is_active()
+                    {
+                        return Ok(Created::Existing(run));
+                    }
+                }
+                Ok(store.create_run(new_run).await?)
+            }
+            .into_actor(self)
+            .map(
+                |created: Result<Created, RegistryError>, act, ctx| match created? {
+                    Created::New(run) => {
+                        tracing::info!(
+                            tenant = %run.tenant, run_id = %run.id, run_type = %run.run_type,
+                            status = %run.status, "run created"
+                        );
+                        act.launch(run.clone(), false, ctx);
+                        Ok(Started { run, reused: false })
+                    }
+                    Created::Existing(run) => Ok(Started { run, reused: true }),
+                },
+            ),
+        ))
+    }
+}
+
+impl Handler<GetRun> for TenantRegistry {
+    type Result = ResponseFuture<Result<Option<RunRecord>, RegistryError>>;
+
+    fn handle(&mut self, msg: GetRun, _: &mut Context<Self>) -> Self::Result {
+        let live = self.live.get(&msg.id).map(|l| l.addr.clone());
+        let store = self.shared.store.clone();
+        let tenant = self.tenant.clone();
+        Box::pin(async move {
+            if let Some(addr) = live
+                && let Ok(run) = addr.send(run::GetRun).await
+            {
+                return Ok((run.run_type == msg.run_type).then_some(run));
+            }
+            // Not live (or stopped just now): the store is current.
+            Ok(store.get_run(&tenant, msg.run_type, msg.id).await?)
+        })
+    }
+}
+
+impl Handler<AdoptRun> for TenantRegistry {
+    type Result = ();
+
+    fn handle(&mut self, msg: AdoptRun, ctx: &mut Context<Self>) {
+        if self.live.contains_key(&msg.run.id) {
+            return;
+        }
+        tracing::info!(
+            tenant = %msg.run.tenant, run_id = %msg.run.id, run_type = %msg.run.run_type,
+            status = %msg.run.status, "run recovered"
+        );
+        let holds_slot = msg.run.status == RunStatus::Running;
+        self.launch(msg.run, holds_slot, ctx);
+    }
+}
+
+impl Handler<RunFinished> for TenantRegistry {
+    type Result = ();
+
+    fn handle(&mut self, msg: RunFinished, _: &mut Context<Self>) {
+        let Some(live) = self.live.remove(&msg.id) else {
+            return;
+        };
+        if self.by_key.get(&live.key) == Some(&msg.id) {
+            self.by_key.remove(&live.key);
+        }
+        if live.begun {
+            self.executing -= 1;
+        } else {
+            self.waiting.retain(|id| *id != msg.id);
+        }
+        while self.executing < self.max_executing() {
+            match self.waiting.pop_front() {
+                Some(next) => self.begin(next),
+                None => break,
+            }
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! Supervising item attempts: a global permit and a run slot per attempt,
+//! the attempt as a child task (a panic or a timeout is a failed attempt),
+//! and retries with exponential backoff and full jitter.
+
+use std::time::Duration;
+
+use actix::prelude::*;
+use futures_util::FutureExt;
+use rand::Rng;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::task::task_tracker::TaskTrackerToken;
+
+use super::{FAILED_IDS_IN_CONTEXT, Phase, RunActor};
+use crate::domain::{ItemError, ItemId, now};
+use crate::runtime::executor::{AttemptError, ItemRequest};
+use crate::store::ItemOutcome;
+
+/// How one attempt ended, as the supervisor sees it.
+enum Ended {
+    Succeeded,
+    Failed(AttemptError),
+    /// Aborted by a stop or by shutdown: no outcome to record.
+    Aborted,
+}
+
+impl RunActor {
+    /// Starts attempts while the run has a free slot and items ready, one
+    /// global permit at a time (so runs of every tenant take turns).
+    pub(super) fn fill_slots(&mut self, ctx: &mut Context<Self>) {
+        let has_room = self.in_flight.len() < self.settings.concurrency as usize;
+        if self.phase != Phase::Executing
+            || self.acquiring
+            || !has_room
+            || self.ready.is_empty()
+            || self.stopped.is_some()
+            || self.shared.shutdown.is_cancelled()
+        {
+            return;
+        }
+        self.acquiring = true;
+        let permits = self.shared.permits.clone();
+        let shutdown = self.shared.shutdown.clone();
+        let stop = self.stop.clone();
+        let acquire = async move {
+            tokio::select! {
+                permit = permits.acquire_owned() => permit.ok(),
+                () = shutdown.cancelled() => None,
+                () = stop.cancelled() => None,
+            }
+        };
+        ctx.spawn(acquire.into_actor(self).map(|permit, act, ctx| {
+            act.acquiring = false;
+            if let Some(permit) = permit {
+                act.start_attempt(permit, ctx);
+            }
+        }));
+    }
+
+    /// Commits the item as running with its next attempt number, then runs it.
+    fn start_attempt(&mut self, permit: OwnedSemaphorePermit, ctx: &mut Context<Self>) {
+        if self.stopped.is_some() || self.shared.shutdown.is_cancelled() {
+            return;
+        }
+        let Some(item) = self.ready.pop_front() else {
+            return;
+        };
+        let attempt = self.attempts.get(&item).copied().unwrap_or(0) + 1;
+        let abort = self.stop.child_token();
+        self.in_flight.insert(item.clone(), abort.clone());
+        let id = self.record.id;
+        let tracked = self.shared.tracker.token();
+        let write_item = item.clone();
+        self.persist(
+            ctx,
+            move |store| {
+                let items = vec![(write_item.clone(), attempt)];
+                async move { store.start_items(id, items, now()).await }.boxed()
+            },
+            move |act, (), ctx| {
+                act.attempts.insert(item.clone(), attempt);
+                act.run_attempt(item, attempt, permit, tracked, ctx);
+            },
+        );
+        self.fill_slots(ctx);
+    }
+
+    /// Runs the attempt as a child task and supervises its end.
+    fn run_attempt(
+        &mut self,
+        item: ItemId,
+        attempt: u32,
+        permit: OwnedSemaphorePermit,
+        tracked: TaskTrackerToken,
+        ctx: &mut Context<Self>,
+    ) {
+        let abort = match self.in_flight.get(&item) {
+            Some(token) => token.clone(),
+            None => return,
+        };
+        let request = ItemRequest {
+            run: self.plan_request(),
+            item_id: item.clone(),
+            attempt,
+        };
+        let work = self.executor.execute(request);
+        let timeout = self.settings.item_timeout.0;
+        let child = actix::spawn(async move {
+            tokio::select! {
+                result = tokio::time::timeout(timeout, work) => Some(result),
+                () = abort.cancelled() => None,
+            }
+        });
+        let supervise = async move {
+            let ended = match child.await {
+                Ok(Some(Ok(Ok(())))) => Ended::Succeeded,
+                Ok(Some(Ok(Err(error)))) => Ended::Failed(error),
+                Ok(Some(Err(_elapsed))) => Ended::Failed(AttemptError::Retryable {
+                    error: ItemError::new("timeout").with("timeoutMs", timeout.as_millis() as u64),
+                    retry_after: None,
+                }),
+                Ok(None) => Ended::Aborted,
+                Err(joined) if joined.is_panic() => Ended::Failed(AttemptError::Retryable {
+                    error: ItemError::new("executor_panicked"),
+                    retry_after: None,
+                }),
+                Err(_) => Ended::Aborted,
+            };
+            drop(permit);
+            ended
+        };
+        ctx.spawn(
+            supervise
+                .into_actor(self)
+                .map(move |ended, act, ctx| act.attempt_ended(item, attempt, ended, tracked, ctx)),
+        );
+    }
+
+    /// Records an attempt's outcome, then frees its slot.
+    fn attempt_ended(
+        &mut self,
+        item: ItemId,
+        attempt: u32,
+        ended: Ended,
+        tracked: TaskTrackerToken,
+        ctx: &mut Context<Self>,
+    ) {
+        let id = self.record.id;
+        let outcome = match ended {
+            Ended::Aborted => {
+                // The item stays `running` in the store: a stop cancels it
+                // in the terminal write, a restart runs it again.
+                self.in_flight.remove(&item);
+                drop(tracked);
+                self.fill_slots(ctx);
+                return self.check_done(ctx);
+            }
+            Ended::Succeeded => ItemOutcome::Succeeded,
+            Ended::Failed(AttemptError::Retryable { error, retry_after })
+                if attempt < self.settings.max_attempts && self.stopped.is_none() =>
+            {
+                let wait = self.backoff(attempt, retry_after);
+                tracing::debug!(run_id = %id, item = %item, attempt, code = %error.code, "attempt failed; retrying");
+                let write_item = item.clone();
+                return self.persist(
+                    ctx,
+                    move |store| {
+                        let (item, error) = (write_item.clone(), error.clone());
+                        async move { store.retry_item(id, item, error, now()).await }.boxed()
+                    },
+                    move |act, (), ctx| {
+                        act.in_flight.remove(&item);
+                        act.backing_off += 1;
+                        drop(tracked);
+                        ctx.run_later(wait, move |act, ctx| {
+                            act.backing_off -= 1;
+                            if act.stopped.is_none() {
+                                act.ready.push_front(item);
+                            }
+                            act.fill_slots(ctx);
+                            act.check_done(ctx);
+                        });
+                        act.fill_slots(ctx);
+                    },
+                );
+            }
+            Ended::Failed(error) => ItemOutcome::Failed(error.error().clone()),
+        };
+        let failed = matches!(outcome, ItemOutcome::Failed(_));
+        let write_item = item.clone();
+        self.persist(
+            ctx,
+            move |store| {
+                let (item, outcome) = (write_item.clone(), outcome.clone());
+                async move { store.finish_item(id, item, outcome, now()).await }.boxed()
+            },
+            move |act, run, ctx| {
+                if let Some(run) = run {
+                    act.adopt(run);
+                }
+                if failed && act.failed_ids.len() < FAILED_IDS_IN_CONTEXT {
+                    act.failed_ids.push(item.clone());
+                }
+                act.in_flight.remove(&item);
+                drop(tracked);
+                act.fill_slots(ctx);
+                act.check_done(ctx);
+            },
+        );
+    }
+
+    /// The wait before attempt `attempt + 1`: the worker's `Retry-After`
+    /// when it gave one (capped), else full jitter over an exponential ceiling.
+    fn backoff(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
+        let cap = self.settings.retry_cap.0;
+        if let Some(hint) = retry_after {
+            return hint.min(cap);
+        }
+        let ceiling = self
+            .settings
+            .retry_base
+            .0
+            .saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1)))
+            .min(cap);
+        let ms = ceiling.as_millis() as u64;
+        Duration::from_millis(rand::rng().random_range(0..=ms))
+    }
+}

@@ -1,0 +1,347 @@
+//! `RunActor`: one per live run. It plans the items, supervises their
+//! attempts (see `attempt.rs`), and persists every transition before it
+//! changes its own state (see `persist.rs`); what it answers to `GetRun` is
+//! therefore always the last committed state.
+
+mod attempt;
+mod persist;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use futures_util::FutureExt;
+use tokio_util::sync::CancellationToken;
+
+use super::Shared;
+use super::executor::{ItemExecutor, PlanRequest};
+use super::registry::{RunFinished, TenantRegistry};
+use crate::config::RunTypeConfig;
+use crate::domain::{
+    ItemError, ItemId, ItemStatus, RunRecord, RunStatus, SafeError, SafeErrorCode, now,
+};
+
+/// How many failed item ids a run's safeError context names.
+const FAILED_IDS_IN_CONTEXT: usize = 10;
+
+/// The registry gave this run an execution slot: start work.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(super) struct Begin;
+
+/// The run as last committed.
+#[derive(Message)]
+#[rtype(result = "RunRecord")]
+pub(super) struct GetRun;
+
+/// Where the run is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for a slot (`Begin`).
+    Waiting,
+    /// Marking the run running, planning, loading items.
+    Starting,
+    /// Attempts are being dispatched.
+    Executing,
+    /// The terminal transition is being written.
+    Finishing,
+}
+
+pub struct RunActor {
+    /// The run as last committed; never ahead of the store.
+    record: RunRecord,
+    /// The run type's settings (concurrency, attempts, timeouts, backoff).
+    settings: RunTypeConfig,
+    executor: Arc<dyn ItemExecutor>,
+    shared: Shared,
+    registry: Addr<TenantRegistry>,
+    phase: Phase,
+    /// Items waiting for an attempt, in planned order.
+    ready: VecDeque<ItemId>,
+    /// Attempts started per item, as committed.
+    attempts: HashMap<ItemId, u32>,
+    /// Items with an attempt starting or in flight (their slot is taken
+    /// until the attempt's outcome is committed).
+    in_flight: HashMap<ItemId, CancellationToken>,
+    /// Items waiting out their backoff before the next attempt.
+    backing_off: usize,
+    /// An acquire of a global in-flight permit is under way.
+    acquiring: bool,
+    /// Cancelled when the run is stopped early (deadline): aborts attempts.
+    stop: CancellationToken,
+    /// Why the run was stopped early, if it was.
+    stopped: Option<SafeErrorCode>,
+    /// The first failed items, for the safeError context.
+    failed_ids: Vec<ItemId>,
+}
+
+impl RunActor {
+    pub(super) fn new(record: RunRecord, shared: Shared, registry: Addr<TenantRegistry>) -> Self {
+        let settings = shared.config.run_type(record.run_type);
+        let executor = shared.executors.get(record.run_type);
+        Self {
+            record,
+            settings,
+            executor,
+            shared,
+            registry,
+            phase: Phase::Waiting,
+            ready: VecDeque::new(),
+            attempts: HashMap::new(),
+            in_flight: HashMap::new(),
+            backing_off: 0,
+            acquiring: false,
+            stop: CancellationToken::new(),
+            stopped: None,
+            failed_ids: Vec::new(),
+        }
+    }
+
+    fn plan_request(&self) -> PlanRequest {
+        PlanRequest {
+            tenant: self.record.tenant.clone(),
+            run_type: self.record.run_type,
+            run_id: self.record.id,
+            target_object_id: self.record.target_object_id.clone(),
+            payload_hash: self.record.payload_hash.clone(),
+        }
+    }
+
+    /// Takes a committed record, unless an older answer arrives after a newer one.
+    fn adopt(&mut self, run: RunRecord) {
+        if run.counts.done() >= self.record.counts.done() {
+            let status_changed = run.status != self.record.status;
+            self.record = run;
+            if status_changed {
+                self.log_transition();
+            }
+        }
+    }
+
+    fn log_transition(&self) {
+        let r = &self.record;
+        tracing::info!(
+            tenant = %r.tenant, run_id = %r.id, run_type = %r.run_type, status = %r.status,
+            total = r.counts.total, succeeded = r.counts.succeeded, failed = r.counts.failed,
+            "run transition"
+        );
+    }
+
+    /// queued → running, then the plan, then the items to do.
+    fn start(&mut self, ctx: &mut Context<Self>) {
+        self.phase = Phase::Starting;
+        if self.record.status == RunStatus::Queued {
+            let id = self.record.id;
+            self.persist(
+                ctx,
+                move |store| async move { store.mark_running(id, now()).await }.boxed(),
+                |act, run, ctx| {
+                    if let Some(run) = run {
+                        act.adopt(run);
+                    }
+                    act.plan(ctx);
+                },
+            );
+        } else {
+            self.plan(ctx);
+        }
+    }
+
+    fn plan(&mut self, ctx: &mut Context<Self>) {
+        if self.record.planned {
+            return self.load_items(ctx);
+        }
+        let plan = self.executor.plan(self.plan_request());
+        let timeout = self.settings.item_timeout.0;
+        let max_items = self.shared.config.limits.max_items_per_run as usize;
+        let planned = async move {
+            match tokio::time::timeout(timeout, plan).await {
+                Ok(Ok(items)) => check_plan(items, max_items),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(ItemError::new("timeout")),
+            }
+        };
+        ctx.spawn(planned.into_actor(self).map(|planned, act, ctx| match planned {
+            Ok(items) => {
+                let id = act.record.id;
+                act.persist(
+                    ctx,
+                    move |store| {
+                        let items = items.clone();
+                        async move { store.record_plan(id, items, now()).await }.boxed()
+                    },
+                    |act, run, ctx| {
+                        if let Some(run) = run {
+                            act.adopt(run);
+                        }
+                        act.load_items(ctx);
+                    },
+                );
+            }
+            Err(error) => {
+                tracing::warn!(run_id = %act.record.id, code = %error.code, "planning failed");
+                let mut context = error.context;
+                context.insert("reason".into(), error.code.into());
+                act.finish(
+                    ctx,
+                    RunStatus::Failed,
+                    Some(SafeError::new(SafeErrorCode::PlanFailed, context)),
+                );
+            }
+        }));
+    }
+
+    /// Reads the items back from the store (one path for new and resumed
+    /// runs) and starts dispatching.
+    fn load_items(&mut self, ctx: &mut Context<Self>) {
+        let id = self.record.id;
+        self.persist(
+            ctx,
+            move |store| async move { store.items(id).await }.boxed(),
+            |act, items, ctx| {
+                for item in items {
+                    match item.status {
+                        ItemStatus::Pending | ItemStatus::Running => {
+                            act.ready.push_back(item.item_id.clone())
+                        }
+                        ItemStatus::Failed => {
+                            if act.failed_ids.len() < FAILED_IDS_IN_CONTEXT {
+                                act.failed_ids.push(item.item_id.clone());
+                            }
+                        }
+                        ItemStatus::Succeeded | ItemStatus::Canceled => {}
+                    }
+                    act.attempts.insert(item.item_id, item.attempts);
+                }
+                act.phase = Phase::Executing;
+                act.schedule_deadline(ctx);
+                act.fill_slots(ctx);
+                act.check_done(ctx);
+            },
+        );
+    }
+
+    fn schedule_deadline(&mut self, ctx: &mut Context<Self>) {
+        let Some(deadline) = self.settings.deadline else {
+            return;
+        };
+        let started = self.record.started_at.unwrap_or(self.record.created_at);
+        let elapsed = now().as_millis().saturating_sub(started.as_millis());
+        let left = deadline
+            .0
+            .saturating_sub(Duration::from_millis(u64::try_from(elapsed).unwrap_or(0)));
+        ctx.run_later(left, |act, ctx| {
+            act.stop_early(SafeErrorCode::DeadlineExceeded, ctx)
+        });
+    }
+
+    /// Stops the run before its items are done: nothing new starts, attempts
+    /// in flight are aborted, and the run ends with `code`.
+    fn stop_early(&mut self, code: SafeErrorCode, ctx: &mut Context<Self>) {
+        if self.stopped.is_some() || self.phase == Phase::Finishing {
+            return;
+        }
+        tracing::info!(run_id = %self.record.id, code = %code, "run stopped early");
+        self.stopped = Some(code);
+        self.ready.clear();
+        self.stop.cancel();
+        self.check_done(ctx);
+    }
+
+    /// Ends the run once nothing is in flight and nothing is left to do.
+    fn check_done(&mut self, ctx: &mut Context<Self>) {
+        if self.phase != Phase::Executing || !self.in_flight.is_empty() {
+            return;
+        }
+        if self.stopped.is_none() {
+            if !self.ready.is_empty() || self.backing_off > 0 {
+                return;
+            }
+            if self.shared.shutdown.is_cancelled()
+                && self.record.counts.done() < self.record.counts.total
+            {
+                // Left for the next start to resume.
+                return;
+            }
+        }
+        let counts = self.record.counts;
+        let stopped = self
+            .stopped
+            .map(|code| (code, counts.total.saturating_sub(counts.done())));
+        let (status, safe_error) = SafeError::decide(counts, stopped, &self.failed_ids);
+        self.finish(ctx, status, safe_error);
+    }
+
+    /// Writes the terminal transition, tells the registry, and stops.
+    fn finish(
+        &mut self,
+        ctx: &mut Context<Self>,
+        status: RunStatus,
+        safe_error: Option<SafeError>,
+    ) {
+        self.phase = Phase::Finishing;
+        let id = self.record.id;
+        let cancel_rest = self.stopped.is_some();
+        self.persist(
+            ctx,
+            move |store| {
+                let safe_error = safe_error.clone();
+                async move {
+                    store
+                        .finish_run(id, status, safe_error, cancel_rest, now())
+                        .await
+                }
+                .boxed()
+            },
+            |act, run, ctx| {
+                if let Some(run) = run {
+                    act.adopt(run);
+                }
+                act.registry.do_send(RunFinished { id: act.record.id });
+                ctx.stop();
+            },
+        );
+    }
+}
+
+/// A plan's items, checked: not too many, no id twice (the first one stays).
+fn check_plan(items: Vec<ItemId>, max_items: usize) -> Result<Vec<ItemId>, ItemError> {
+    if items.len() > max_items {
+        return Err(ItemError::new("too_many_items")
+            .with("planned", items.len())
+            .with("max", max_items));
+    }
+    let mut seen = std::collections::HashSet::new();
+    Ok(items
+        .into_iter()
+        .filter(|i| seen.insert(i.clone()))
+        .collect())
+}
+
+impl Actor for RunActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        // Replies to many pollers while items commit; no reason to refuse.
+        ctx.set_mailbox_capacity(1024);
+    }
+}
+
+impl Handler<Begin> for RunActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Begin, ctx: &mut Context<Self>) {
+        if self.phase == Phase::Waiting {
+            self.start(ctx);
+        }
+    }
+}
+
+impl Handler<GetRun> for RunActor {
+    type Result = MessageResult<GetRun>;
+
+    fn handle(&mut self, _: GetRun, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.record.clone())
+    }
+}

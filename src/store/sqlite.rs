@@ -1,0 +1,615 @@
+//! The SQLite store: WAL, one write connection owned by a writer task that
+//! groups the transitions waiting in its channel into one transaction (each
+//! in a savepoint of its own), and a pool of read connections.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{Connection, Row, SqliteConnection};
+use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::{Created, ItemOutcome, NewRun, StoreError};
+use crate::config::{self, DatabaseConfig, SqliteSynchronous as Sync};
+use crate::domain::{
+    Counts, ItemError, ItemId, ItemRecord, ItemStatus, RunId, RunRecord, RunStatus, RunType,
+    SafeError, TenantId, Timestamp,
+};
+
+/// Writes waiting in the channel are committed together, up to this many.
+const MAX_BATCH: usize = 256;
+/// How long a connection waits for another process's write lock.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+const RUN_COLUMNS: &str = "id, tenant, run_type, target_object_id, payload_hash, status, planned, \
+     total, succeeded, failed, safe_error_code, safe_error_context, cancel_requested, \
+     created_at, started_at, finished_at, updated_at";
+
+#[derive(Clone)]
+pub(super) struct SqliteStore {
+    writes: mpsc::Sender<Job>,
+    reads: SqlitePool,
+    writer: Arc<Mutex<Option<JoinHandle<()>>>>,
+    /// Asks the writer to finish what is queued and close its connection.
+    closing: CancellationToken,
+}
+
+/// One write and where its answer goes once the transaction committed.
+struct Job {
+    op: WriteOp,
+    reply: oneshot::Sender<Result<Written, StoreError>>,
+}
+
+enum WriteOp {
+    CreateRun(NewRun),
+    MarkRunning(RunId, Timestamp),
+    RecordPlan(RunId, Vec<ItemId>, Timestamp),
+    StartItems(RunId, Vec<(ItemId, u32)>, Timestamp),
+    RetryItem(RunId, ItemId, ItemError, Timestamp),
+    FinishItem(RunId, ItemId, ItemOutcome, Timestamp),
+    FinishRun {
+        id: RunId,
+        status: RunStatus,
+        safe_error: Option<SafeError>,
+        cancel_rest: bool,
+        at: Timestamp,
+    },
+}
+
+enum Written {
+    Created(Created),
+    Run(Option<RunRecord>),
+    Nothing,
+}
+
+impl SqliteStore {
+    pub(super) async fn open(config: &DatabaseConfig) -> Result<Self, StoreError> {
+        if let Some(file) = config::sqlite_file(&config.url)
+            && let Some(dir) = file.parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
+            })?;
+        }
+        let options = SqliteConnectOptions::from_str(&config.url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(match config.sqlite_synchronous {
+                Sync::Full => SqliteSynchronous::Full,
+                Sync::Normal => SqliteSynchronous::Normal,
+            })
+            .foreign_keys(true)
+            .busy_timeout(BUSY_TIMEOUT);
+        let mut conn = SqliteConnection::connect_with(&options).await?;
+        sqlx::migrate!("./migrations/sqlite")
+            .run(&mut conn)
+            .await
+            .map_err(StoreError::Migrate)?;
+        let reads = SqlitePoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await?;
+        let (writes, jobs) = mpsc::channel(4096);
+        let closing = CancellationToken::new();
+        let writer = tokio::spawn(write_loop(conn, jobs, closing.clone()));
+        Ok(Self {
+            writes,
+            reads,
+            writer: Arc::new(Mutex::new(Some(writer))),
+            closing,
+        })
+    }
+
+    pub(super) async fn close(&self) {
+        self.closing.cancel();
+        if let Some(handle) = self.writer.lock().await.take() {
+            let _ = handle.await;
+        }
+        self.reads.close().await;
+    }
+
+    pub(super) async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.reads).await?;
+        Ok(())
+    }
+
+    async fn write(&self, op: WriteOp) -> Result<Written, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.writes
+            .send(Job { op, reply })
+            .await
+            .map_err(|_| StoreError::Unavailable("the store is closed".into()))?;
+        answer
+            .await
+            .map_err(|_| StoreError::Unavailable("the store writer stopped".into()))?
+    }
+
+    async fn write_run(&self, op: WriteOp) -> Result<Option<RunRecord>, StoreError> {
+        match self.write(op).await? {
+            Written::Run(run) => Ok(run),
+            Written::Created(_) | Written::Nothing => Err(mismatch()),
+        }
+    }
+
+    pub(super) async fn create_run(&self, run: NewRun) -> Result<Created, StoreError> {
+        match self.write(WriteOp::CreateRun(run)).await? {
+            Written::Created(created) => Ok(created),
+            Written::Run(_) | Written::Nothing => Err(mismatch()),
+        }
+    }
+
+    pub(super) async fn mark_running(
+        &self,
+        id: RunId,
+        at: Timestamp,
+    ) -> Result<Option<RunRecord>, StoreError> {
+        self.write_run(WriteOp::MarkRunning(id, at)).await
+    }
+
+    pub(super) async fn record_plan(
+        &self,
+        id: RunId,
+        items: Vec<ItemId>,
+        at: Timestamp,
+    ) -> Result<Option<RunRecord>, StoreError> {
+        self.write_run(WriteOp::RecordPlan(id, items, at)).await
+    }
+
+    pub(super) async fn start_items(
+        &self,
+        id: RunId,
+        items: Vec<(ItemId, u32)>,
+        at: Timestamp,
+    ) -> Result<(), StoreError> {
+        self.write(WriteOp::StartItems(id, items, at))
+            .await
+            .map(drop)
+    }
+
+    pub(super) async fn retry_item(
+        &self,
+        id: RunId,
+        item: ItemId,
+        error: ItemError,
+        at: Timestamp,
+    ) -> Result<(), StoreError> {
+        self.write(WriteOp::RetryItem(id, item, error, at))
+            .await
+            .map(drop)
+    }
+
+    pub(super) async fn finish_item(
+        &self,
+        id: RunId,
+        item: ItemId,
+        outcome: ItemOutcome,
+        at: Timestamp,
+    ) -> Result<Option<RunRecord>, StoreError> {
+        self.write_run(WriteOp::FinishItem(id, item, outcome, at))
+            .await
+    }
+
+    pub(super) async fn finish_run(
+        &self,
+        id: RunId,
+        status: RunStatus,
+        safe_error: Option<SafeError>,
+        cancel_rest: bool,
+        at: Timestamp,
+    ) -> Result<Option<RunRecord>, StoreError> {
+        self.write_run(WriteOp::FinishRun {
+            id,
+            status,
+            safe_error,
+            cancel_rest,
+            at,
+        })
+        .await
+    }
+
+    pub(super) async fn get_run(
+        &self,
+        tenant: &TenantId,
+        run_type: RunType,
+        id: RunId,
+    ) -> Result<Option<RunRecord>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE id = ? AND tenant = ? AND run_type = ?"
+        ))
+        .bind(id.to_string())
+        .bind(tenant.as_str())
+        .bind(run_type.as_str())
+        .fetch_optional(&self.reads)
+        .await?;
+        row.as_ref().map(run_from_row).transpose()
+    }
+
+    pub(super) async fn unfinished_runs(&self) -> Result<Vec<RunRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE status IN ('queued', 'running') \
+             ORDER BY created_at, id"
+        ))
+        .fetch_all(&self.reads)
+        .await?;
+        rows.iter().map(run_from_row).collect()
+    }
+
+    pub(super) async fn items(&self, id: RunId) -> Result<Vec<ItemRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT item_id, status, attempts, last_error_code, last_error_context, \
+             started_at, finished_at FROM run_items WHERE run_id = ? ORDER BY position",
+        )
+        .bind(id.to_string())
+        .fetch_all(&self.reads)
+        .await?;
+        rows.iter().map(item_from_row).collect()
+    }
+}
+
+fn mismatch() -> StoreError {
+    StoreError::Corrupt("the writer answered a different kind of write".into())
+}
+
+/// The writer: takes every job waiting, applies each in a savepoint of one
+/// transaction, commits once, then answers each job. Nothing is answered
+/// before the commit.
+async fn write_loop(
+    mut conn: SqliteConnection,
+    mut jobs: mpsc::Receiver<Job>,
+    closing: CancellationToken,
+) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    loop {
+        let received = tokio::select! {
+            n = jobs.recv_many(&mut batch, MAX_BATCH) => n,
+            // Refuse new writes, then commit what is already queued.
+            () = closing.cancelled(), if !jobs.is_closed() => {
+                jobs.close();
+                continue;
+            }
+        };
+        if received == 0 {
+            break;
+        }
+        let (ops, replies): (Vec<_>, Vec<_>) = batch.drain(..).map(|j| (j.op, j.reply)).unzip();
+        match apply_batch(&mut conn, ops).await {
+            Ok(results) => {
+                for (reply, result) in replies.into_iter().zip(results) {
+                    let _ = reply.send(result);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "a group of store writes failed; none was applied");
+                for reply in replies {
+                    let _ = reply.send(Err(StoreError::Unavailable(e.to_string())));
+                }
+            }
+        }
+    }
+    let _ = conn.close().await;
+}
+
+async fn apply_batch(
+    conn: &mut SqliteConnection,
+    ops: Vec<WriteOp>,
+) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
+    let mut tx = conn.begin().await?;
+    let mut results = Vec::with_capacity(ops.len());
+    for op in ops {
+        let mut savepoint = tx.begin().await?;
+        match apply(&mut savepoint, op).await {
+            Ok(written) => {
+                savepoint.commit().await?;
+                results.push(Ok(written));
+            }
+            Err(e) => {
+                savepoint.rollback().await?;
+                results.push(Err(e));
+            }
+        }
+    }
+    tx.commit().await?;
+    Ok(results)
+}
+
+async fn apply(conn: &mut SqliteConnection, op: WriteOp) -> Result<Written, StoreError> {
+    match op {
+        WriteOp::CreateRun(run) => create_run(conn, run).await.map(Written::Created),
+        WriteOp::MarkRunning(id, at) => {
+            let row = sqlx::query(&format!(
+                "UPDATE runs SET status = 'running', started_at = ?2, updated_at = ?2 \
+                 WHERE id = ?1 AND status = 'queued' RETURNING {RUN_COLUMNS}"
+            ))
+            .bind(id.to_string())
+            .bind(at.as_millis())
+            .fetch_optional(&mut *conn)
+            .await?;
+            row.as_ref().map(run_from_row).transpose().map(Written::Run)
+        }
+        WriteOp::RecordPlan(id, items, at) => {
+            let run = sqlx::query(&format!(
+                "UPDATE runs SET planned = 1, total = ?2, updated_at = ?3 \
+                 WHERE id = ?1 AND planned = 0 AND status IN ('queued', 'running') \
+                 RETURNING {RUN_COLUMNS}"
+            ))
+            .bind(id.to_string())
+            .bind(items.len() as i64)
+            .bind(at.as_millis())
+            .fetch_optional(&mut *conn)
+            .await?;
+            if run.is_some() {
+                insert_items(conn, id, &items).await?;
+            }
+            run.as_ref().map(run_from_row).transpose().map(Written::Run)
+        }
+        WriteOp::StartItems(id, items, at) => {
+            for (item, attempt) in items {
+                sqlx::query(
+                    "UPDATE run_items SET status = 'running', attempts = ?3, \
+                     started_at = COALESCE(started_at, ?4) \
+                     WHERE run_id = ?1 AND item_id = ?2 AND status IN ('pending', 'running')",
+                )
+                .bind(id.to_string())
+                .bind(item.as_str())
+                .bind(i64::from(attempt))
+                .bind(at.as_millis())
+                .execute(&mut *conn)
+                .await?;
+            }
+            touch(conn, id, at).await?;
+            Ok(Written::Nothing)
+        }
+        WriteOp::RetryItem(id, item, error, at) => {
+            sqlx::query(
+                "UPDATE run_items SET status = 'pending', last_error_code = ?3, \
+                 last_error_context = ?4 WHERE run_id = ?1 AND item_id = ?2 AND status = 'running'",
+            )
+            .bind(id.to_string())
+            .bind(item.as_str())
+            .bind(&error.code)
+            .bind(Value::Object(error.context).to_string())
+            .execute(&mut *conn)
+            .await?;
+            touch(conn, id, at).await?;
+            Ok(Written::Nothing)
+        }
+        WriteOp::FinishItem(id, item, outcome, at) => {
+            let (status, column, error) = match outcome {
+                ItemOutcome::Succeeded => (ItemStatus::Succeeded, "succeeded", None),
+                ItemOutcome::Failed(e) => (ItemStatus::Failed, "failed", Some(e)),
+            };
+            let changed = sqlx::query(
+                "UPDATE run_items SET status = ?3, finished_at = ?4, \
+                 last_error_code = COALESCE(?5, last_error_code), \
+                 last_error_context = COALESCE(?6, last_error_context) \
+                 WHERE run_id = ?1 AND item_id = ?2 AND status = 'running'",
+            )
+            .bind(id.to_string())
+            .bind(item.as_str())
+            .bind(status.as_str())
+            .bind(at.as_millis())
+            .bind(error.as_ref().map(|e| e.code.clone()))
+            .bind(error.map(|e| Value::Object(e.context).to_string()))
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+            if changed == 0 {
+                return Ok(Written::Run(None));
+            }
+            let row = sqlx::query(&format!(
+                "UPDATE runs SET {column} = {column} + 1, updated_at = ?2 WHERE id = ?1 \
+                 RETURNING {RUN_COLUMNS}"
+            ))
+            .bind(id.to_string())
+            .bind(at.as_millis())
+            .fetch_optional(&mut *conn)
+            .await?;
+            row.as_ref().map(run_from_row).transpose().map(Written::Run)
+        }
+        WriteOp::FinishRun {
+            id,
+            status,
+            safe_error,
+            cancel_rest,
+            at,
+        } => {
+            if cancel_rest {
+                sqlx::query(
+                    "UPDATE run_items SET status = 'canceled', finished_at = ?2 \
+                     WHERE run_id = ?1 AND status IN ('pending', 'running')",
+                )
+                .bind(id.to_string())
+                .bind(at.as_millis())
+                .execute(&mut *conn)
+                .await?;
+            }
+            let (code, context) = match safe_error {
+                Some(e) => (
+                    Some(e.code.as_str()),
+                    Some(Value::Object(e.context).to_string()),
+                ),
+                None => (None, None),
+            };
+            let row = sqlx::query(&format!(
+                "UPDATE runs SET status = ?2, safe_error_code = ?3, safe_error_context = ?4, \
+                 finished_at = ?5, updated_at = ?5, cancel_requested = 0, \
+                 started_at = COALESCE(started_at, ?5) \
+                 WHERE id = ?1 AND status IN ('queued', 'running') RETURNING {RUN_COLUMNS}"
+            ))
+            .bind(id.to_string())
+            .bind(status.as_str())
+            .bind(code)
+            .bind(context)
+            .bind(at.as_millis())
+            .fetch_optional(&mut *conn)
+            .await?;
+            row.as_ref().map(run_from_row).transpose().map(Written::Run)
+        }
+    }
+}
+
+async fn create_run(conn: &mut SqliteConnection, run: NewRun) -> Result<Created, StoreError> {
+    let planned = run.item_ids.is_some();
+    let total = run.item_ids.as_ref().map_or(0, Vec::len) as i64;
+    let inserted = sqlx::query(&format!(
+        "INSERT INTO runs (id, tenant, run_type, target_object_id, payload_hash, dedup_key, \
+         status, planned, total, created_at, updated_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7, ?8, ?9, ?9) \
+         ON CONFLICT (tenant, run_type, dedup_key) WHERE status IN ('queued', 'running') \
+         DO NOTHING RETURNING {RUN_COLUMNS}"
+    ))
+    .bind(run.id.to_string())
+    .bind(run.tenant.as_str())
+    .bind(run.key.run_type.as_str())
+    .bind(run.key.target_object_id.as_deref())
+    .bind(run.key.payload_hash.as_deref())
+    .bind(run.key.storage_key())
+    .bind(planned)
+    .bind(total)
+    .bind(run.created_at.as_millis())
+    .fetch_optional(&mut *conn)
+    .await?;
+    match inserted {
+        Some(row) => {
+            if let Some(items) = &run.item_ids {
+                insert_items(conn, run.id, items).await?;
+            }
+            Ok(Created::New(run_from_row(&row)?))
+        }
+        None => {
+            // The writer is the only one to change runs on this database,
+            // and it runs one job at a time: the holder is still active.
+            let row = sqlx::query(&format!(
+                "SELECT {RUN_COLUMNS} FROM runs WHERE tenant = ? AND run_type = ? \
+                 AND dedup_key = ? AND status IN ('queued', 'running')"
+            ))
+            .bind(run.tenant.as_str())
+            .bind(run.key.run_type.as_str())
+            .bind(run.key.storage_key())
+            .fetch_one(&mut *conn)
+            .await?;
+            Ok(Created::Existing(run_from_row(&row)?))
+        }
+    }
+}
+
+async fn insert_items(
+    conn: &mut SqliteConnection,
+    id: RunId,
+    items: &[ItemId],
+) -> Result<(), StoreError> {
+    let run_id = id.to_string();
+    for (position, item) in items.iter().enumerate() {
+        sqlx::query(
+            "INSERT INTO run_items (run_id, position, item_id, status) VALUES (?, ?, ?, 'pending')",
+        )
+        .bind(&run_id)
+        .bind(position as i64)
+        .bind(item.as_str())
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+async fn touch(conn: &mut SqliteConnection, id: RunId, at: Timestamp) -> Result<(), StoreError> {
+    sqlx::query("UPDATE runs SET updated_at = ?2 WHERE id = ?1")
+        .bind(id.to_string())
+        .bind(at.as_millis())
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("{what}: {e}"))
+}
+
+fn item_id(raw: String) -> Result<ItemId, StoreError> {
+    ItemId::parse(&raw).map_err(|e| corrupt("item_id", e))
+}
+
+fn context(raw: Option<String>) -> Result<Map<String, Value>, StoreError> {
+    match raw {
+        None => Ok(Map::new()),
+        Some(text) => match serde_json::from_str(&text) {
+            Ok(Value::Object(map)) => Ok(map),
+            Ok(_) => Err(corrupt("context", "not an object")),
+            Err(e) => Err(corrupt("context", e)),
+        },
+    }
+}
+
+fn count(row: &SqliteRow, column: &str) -> Result<u64, StoreError> {
+    let n: i64 = row.try_get(column)?;
+    u64::try_from(n).map_err(|e| corrupt(column, e))
+}
+
+fn time(row: &SqliteRow, column: &str) -> Result<Option<Timestamp>, StoreError> {
+    Ok(row
+        .try_get::<Option<i64>, _>(column)?
+        .map(Timestamp::from_millis))
+}
+
+fn run_from_row(row: &SqliteRow) -> Result<RunRecord, StoreError> {
+    let id: String = row.try_get("id")?;
+    let tenant: String = row.try_get("tenant")?;
+    let run_type: String = row.try_get("run_type")?;
+    let status: String = row.try_get("status")?;
+    let safe_error = match row.try_get::<Option<String>, _>("safe_error_code")? {
+        Some(code) => Some(SafeError::new(
+            code.parse().map_err(|e| corrupt("safe_error_code", e))?,
+            context(row.try_get("safe_error_context")?)?,
+        )),
+        None => None,
+    };
+    Ok(RunRecord {
+        id: RunId::parse(&id).map_err(|e| corrupt("id", e))?,
+        tenant: TenantId::parse(&tenant).map_err(|e| corrupt("tenant", e))?,
+        run_type: run_type.parse().map_err(|e| corrupt("run_type", e))?,
+        target_object_id: row.try_get("target_object_id")?,
+        payload_hash: row.try_get("payload_hash")?,
+        status: status.parse().map_err(|e| corrupt("status", e))?,
+        counts: Counts {
+            total: count(row, "total")?,
+            succeeded: count(row, "succeeded")?,
+            failed: count(row, "failed")?,
+        },
+        safe_error,
+        cancel_requested: row.try_get("cancel_requested")?,
+        planned: row.try_get("planned")?,
+        created_at: Timestamp::from_millis(row.try_get("created_at")?),
+        started_at: time(row, "started_at")?,
+        finished_at: time(row, "finished_at")?,
+        updated_at: Timestamp::from_millis(row.try_get("updated_at")?),
+    })
+}
+
+fn item_from_row(row: &SqliteRow) -> Result<ItemRecord, StoreError> {
+    let status: String = row.try_get("status")?;
+    let attempts: i64 = row.try_get("attempts")?;
+    let last_error = match row.try_get::<Option<String>, _>("last_error_code")? {
+        Some(code) => Some(ItemError {
+            code,
+            context: context(row.try_get("last_error_context")?)?,
+        }),
+        None => None,
+    };
+    Ok(ItemRecord {
+        item_id: item_id(row.try_get("item_id")?)?,
+        status: status.parse().map_err(|e| corrupt("item status", e))?,
+        attempts: u32::try_from(attempts).map_err(|e| corrupt("attempts", e))?,
+        last_error,
+        started_at: time(row, "started_at")?,
+        finished_at: time(row, "finished_at")?,
+    })
+}

@@ -1,0 +1,10 @@
+//! The API, tested over HTTP against the application on a random port,
+//! each test with its own SQLite file.
+
+mod contract;
+mod dedup;
+mod errors;
+mod helpers;
+mod outcomes;
+mod persistence;
+mod process;

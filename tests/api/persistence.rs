@@ -1,0 +1,93 @@
+//! Every transition is in the database before it is reported.
+
+use std::time::Duration;
+
+use runpilot::config::Dur;
+use runpilot::domain::RunType;
+use serde_json::json;
+use sqlx::Row;
+
+use crate::helpers::{TENANT, spawn_app_with};
+
+#[actix_rt::test]
+async fn the_database_shows_each_item_and_the_counts_while_a_run_goes() {
+    let app = spawn_app_with(|c| {
+        let mut s = c.run_type(RunType::SnapshotCapture);
+        s.delay = Dur(Duration::from_millis(150));
+        s.concurrency = 2;
+        c.set_run_type(RunType::SnapshotCapture, s);
+    })
+    .await;
+    let items: Vec<String> = (1..=10)
+        .map(|n| {
+            if n % 4 == 0 {
+                format!("item-{n}-fail")
+            } else {
+                format!("item-{n}")
+            }
+        })
+        .collect();
+    let (status, created) = app
+        .start_run(TENANT, "snapshot_capture", Some(json!({"itemIds": items})))
+        .await;
+    assert_eq!(status, 201);
+    let id = created["run"]["id"].as_str().unwrap().to_owned();
+    let db = app.read_only_db().await;
+
+    // The 201 was sent after the run and its items were committed.
+    let stored: (String, i64) = sqlx::query_as("SELECT status, total FROM runs WHERE id = ?")
+        .bind(&id)
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(stored.1, 10);
+
+    let mut checked_mid_run = 0;
+    loop {
+        let (_, run) = app.get_run(TENANT, "snapshot_capture", &id).await;
+        let row = sqlx::query("SELECT status, succeeded, failed FROM runs WHERE id = ?")
+            .bind(&id)
+            .fetch_one(&db)
+            .await
+            .unwrap();
+        let (db_succeeded, db_failed): (i64, i64) = (row.get("succeeded"), row.get("failed"));
+        let by_item: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT status, COUNT(*) FROM run_items WHERE run_id = ? GROUP BY status",
+        )
+        .bind(&id)
+        .fetch_all(&db)
+        .await
+        .unwrap();
+        let items_in = |s: &str| by_item.iter().find(|(k, _)| k == s).map_or(0, |(_, n)| *n);
+
+        // What was reported is already stored: the answer is never ahead.
+        assert!(
+            run["counts"]["succeeded"].as_i64().unwrap() <= db_succeeded,
+            "{run}"
+        );
+        assert!(
+            run["counts"]["failed"].as_i64().unwrap() <= db_failed,
+            "{run}"
+        );
+        // The run's counts are its items' outcomes, committed together.
+        assert_eq!(items_in("succeeded"), db_succeeded);
+        assert_eq!(items_in("failed"), db_failed);
+
+        if run["status"] == "running" && db_succeeded + db_failed > 0 {
+            checked_mid_run += 1;
+        }
+        if crate::helpers::is_terminal(&run) {
+            assert_eq!(
+                row.get::<String, _>("status"),
+                run["status"].as_str().unwrap()
+            );
+            assert_eq!((db_succeeded, db_failed), (8, 2));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        checked_mid_run >= 2,
+        "the run was seen mid-way only {checked_mid_run} times"
+    );
+}
