@@ -208,7 +208,6 @@ impl Default for RunTypeConfig {
     }
 }
 
-
 impl Config {
     /// Loads the file (`path`, or the default file when it exists, or the
     /// built-in defaults) and applies the environment overrides.
