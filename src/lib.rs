@@ -7,11 +7,13 @@
 //! - [`runtime`]: the actors. A `TenantRegistry` per tenant owns the dedup
 //!   key → `RunActor` map; a `RunActor` per live run supervises its items'
 //!   attempts and persists every transition before it reports it.
+//! - [`access`]: tokens (the admin token and hashed stored tokens).
 //! - [`http`]: the API (actix-web). Handlers only send messages through the
 //!   runtime's [`runtime::Directory`]; they never touch the store.
 //! - [`startup`]: builds the whole application; [`config`], [`cli`] and
 //!   [`telemetry`] serve the binary.
 
+pub mod access;
 pub mod cli;
 pub mod config;
 pub mod domain;

@@ -9,8 +9,9 @@ use actix_web::dev::{Server, ServerHandle};
 use actix_web::{App, HttpServer, web};
 use tokio_util::sync::CancellationToken;
 
+use crate::access::AccessControl;
 use crate::config::Config;
-use crate::http::{self, AppState, auth::Authenticator};
+use crate::http::{self, AppState};
 use crate::runtime::Directory;
 use crate::runtime::executor::Executors;
 use crate::store::{Store, StoreError};
@@ -37,6 +38,8 @@ pub struct Application {
     store: Store,
     config: Arc<Config>,
     stop: CancellationToken,
+    /// The admin token made at the first start, to be shown once.
+    first_token: Option<String>,
 }
 
 impl Application {
@@ -65,12 +68,14 @@ impl Application {
             directory: directory.clone(),
             config: config.clone(),
         });
-        let auth = web::Data::new(Arc::new(Authenticator::new(&config.auth.admin_token)));
+        let access = AccessControl::new(&config.auth.admin_token, store.clone());
+        let first_token = access.create_first_token().await?;
+        let access = web::Data::new(access);
         let grace = config.server.shutdown_grace.0;
         let server = HttpServer::new(move || {
             App::new()
                 .wrap(actix_web::middleware::from_fn(http::catch_panics))
-                .configure(http::configure(state.clone(), auth.clone()))
+                .configure(http::configure(state.clone(), access.clone()))
         })
         .disable_signals()
         .shutdown_timeout(grace.as_secs().max(1))
@@ -88,12 +93,19 @@ impl Application {
             store,
             config,
             stop: CancellationToken::new(),
+            first_token,
         })
     }
 
     /// The port the server listens on (useful with port 0).
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The admin token made at this first start (no admin token configured,
+    /// none ever stored), to be shown to the operator once.
+    pub fn take_first_token(&mut self) -> Option<String> {
+        self.first_token.take()
     }
 
     /// Cancelling this token shuts the application down as a signal would.

@@ -3,9 +3,11 @@
 
 mod ids;
 mod run;
+mod token;
 
 pub use ids::{DedupKey, IdError, ItemId, RunId, TenantId};
 pub use run::{
     Counts, ItemError, ItemRecord, ItemStatus, RunRecord, RunStatus, RunType, SafeError,
     SafeErrorCode, Timestamp, UnknownValue, now,
 };
+pub use token::{TokenRecord, TokenScope};

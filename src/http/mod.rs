@@ -12,13 +12,13 @@ use std::sync::Arc;
 
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
-use actix_web::middleware::Next;
+use actix_web::middleware::{Next, from_fn};
 use actix_web::{HttpResponse, web};
 use futures_util::FutureExt;
 
+use crate::access::AccessControl;
 use crate::config::Config;
 use crate::runtime::Directory;
-use auth::Authenticator;
 use error::ApiError;
 
 /// What every handler may reach.
@@ -27,23 +27,28 @@ pub struct AppState {
     pub config: Arc<Config>,
 }
 
-/// Registers the routes, the shared state and the panic guard on an app.
+/// Registers the routes and the shared state on an app.
 pub fn configure(
     state: web::Data<AppState>,
-    auth: web::Data<Arc<Authenticator>>,
+    access: web::Data<AccessControl>,
 ) -> impl FnOnce(&mut web::ServiceConfig) {
     move |cfg: &mut web::ServiceConfig| {
         cfg.app_data(state)
-            .app_data(auth)
+            .app_data(access)
             .service(
-                web::resource("/admin/t/{tenant}/runs/{run_type}")
-                    .route(web::post().to(routes::runs::start_run))
-                    .default_service(web::to(method_not_allowed)),
-            )
-            .service(
-                web::resource("/admin/t/{tenant}/runs/{run_type}/{run_id}")
-                    .route(web::get().to(routes::runs::get_run))
-                    .default_service(web::to(method_not_allowed)),
+                web::scope("/admin/t/{tenant}")
+                    .wrap(from_fn(auth::authorize))
+                    .service(
+                        web::resource("/runs/{run_type}")
+                            .route(web::post().to(routes::runs::start_run))
+                            .default_service(web::to(method_not_allowed)),
+                    )
+                    .service(
+                        web::resource("/runs/{run_type}/{run_id}")
+                            .route(web::get().to(routes::runs::get_run))
+                            .default_service(web::to(method_not_allowed)),
+                    )
+                    .default_service(web::to(not_found)),
             )
             .service(
                 web::resource("/healthz")

@@ -8,7 +8,7 @@ mod sqlite;
 use crate::config::DatabaseConfig;
 use crate::domain::{
     DedupKey, ItemError, ItemId, ItemRecord, RunId, RunRecord, RunStatus, RunType, SafeError,
-    TenantId, Timestamp,
+    TenantId, Timestamp, TokenRecord, TokenScope,
 };
 
 /// What went wrong in the store. `Unavailable` is worth retrying later;
@@ -76,6 +76,24 @@ pub enum Created {
 pub enum ItemOutcome {
     Succeeded,
     Failed(ItemError),
+}
+
+/// A token to store: its hash only.
+#[derive(Debug, Clone)]
+pub struct NewToken {
+    pub id: String,
+    /// Hex SHA-256 of the token.
+    pub hash: String,
+    pub label: Option<String>,
+    pub scope: TokenScope,
+    pub created_at: Timestamp,
+}
+
+/// A stored token with its hash, for the constant-time comparison.
+#[derive(Debug, Clone)]
+pub struct StoredToken {
+    pub record: TokenRecord,
+    pub hash: String,
 }
 
 /// The store's handle; cheap to clone.
@@ -202,5 +220,39 @@ impl Store {
     /// A run's items in their planned order.
     pub async fn items(&self, id: RunId) -> Result<Vec<ItemRecord>, StoreError> {
         self.backend.items(id).await
+    }
+
+    /// Stores a new token (its hash).
+    pub async fn create_token(&self, token: NewToken) -> Result<TokenRecord, StoreError> {
+        self.backend.create_token(token).await
+    }
+
+    /// The token with that hash, revoked or not.
+    pub async fn token_by_hash(&self, hash: &str) -> Result<Option<StoredToken>, StoreError> {
+        self.backend.token_by_hash(hash).await
+    }
+
+    /// Every stored token, oldest first.
+    pub async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        self.backend.list_tokens().await
+    }
+
+    /// Revokes a token (again is a no-op); `None` when there is no such token.
+    pub async fn revoke_token(
+        &self,
+        id: &str,
+        at: Timestamp,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        self.backend.revoke_token(id, at).await
+    }
+
+    /// How many tokens were ever stored (revoked ones included).
+    pub async fn count_tokens(&self) -> Result<u64, StoreError> {
+        self.backend.count_tokens().await
+    }
+
+    /// Records that a token was used.
+    pub async fn touch_token(&self, id: &str, at: Timestamp) -> Result<(), StoreError> {
+        self.backend.touch_token(id, at).await
     }
 }

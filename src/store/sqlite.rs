@@ -16,17 +16,20 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{Created, ItemOutcome, NewRun, StoreError};
+use super::{Created, ItemOutcome, NewRun, NewToken, StoreError, StoredToken};
 use crate::config::{self, DatabaseConfig, SqliteSynchronous as Sync};
 use crate::domain::{
     Counts, ItemError, ItemId, ItemRecord, ItemStatus, RunId, RunRecord, RunStatus, RunType,
-    SafeError, TenantId, Timestamp,
+    SafeError, TenantId, Timestamp, TokenRecord, TokenScope,
 };
 
 /// Writes waiting in the channel are committed together, up to this many.
 const MAX_BATCH: usize = 256;
 /// How long a connection waits for another process's write lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+const TOKEN_COLUMNS: &str =
+    "id, token_hash, label, all_tenants, tenants, created_at, last_used_at, revoked_at";
 
 const RUN_COLUMNS: &str = "id, tenant, run_type, target_object_id, payload_hash, status, planned, \
      total, succeeded, failed, safe_error_code, safe_error_context, cancel_requested, \
@@ -61,11 +64,15 @@ enum WriteOp {
         cancel_rest: bool,
         at: Timestamp,
     },
+    CreateToken(NewToken),
+    RevokeToken(String, Timestamp),
+    TouchToken(String, Timestamp),
 }
 
 enum Written {
     Created(Created),
     Run(Option<RunRecord>),
+    Token(Option<TokenRecord>),
     Nothing,
 }
 
@@ -136,14 +143,14 @@ impl SqliteStore {
     async fn write_run(&self, op: WriteOp) -> Result<Option<RunRecord>, StoreError> {
         match self.write(op).await? {
             Written::Run(run) => Ok(run),
-            Written::Created(_) | Written::Nothing => Err(mismatch()),
+            Written::Created(_) | Written::Token(_) | Written::Nothing => Err(mismatch()),
         }
     }
 
     pub(super) async fn create_run(&self, run: NewRun) -> Result<Created, StoreError> {
         match self.write(WriteOp::CreateRun(run)).await? {
             Written::Created(created) => Ok(created),
-            Written::Run(_) | Written::Nothing => Err(mismatch()),
+            Written::Run(_) | Written::Token(_) | Written::Nothing => Err(mismatch()),
         }
     }
 
@@ -241,6 +248,69 @@ impl SqliteStore {
         .fetch_all(&self.reads)
         .await?;
         rows.iter().map(run_from_row).collect()
+    }
+
+    async fn write_token(&self, op: WriteOp) -> Result<Option<TokenRecord>, StoreError> {
+        match self.write(op).await? {
+            Written::Token(token) => Ok(token),
+            Written::Created(_) | Written::Run(_) | Written::Nothing => Err(mismatch()),
+        }
+    }
+
+    pub(super) async fn create_token(&self, token: NewToken) -> Result<TokenRecord, StoreError> {
+        self.write_token(WriteOp::CreateToken(token))
+            .await?
+            .ok_or_else(mismatch)
+    }
+
+    pub(super) async fn revoke_token(
+        &self,
+        id: &str,
+        at: Timestamp,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        self.write_token(WriteOp::RevokeToken(id.to_owned(), at))
+            .await
+    }
+
+    pub(super) async fn touch_token(&self, id: &str, at: Timestamp) -> Result<(), StoreError> {
+        self.write(WriteOp::TouchToken(id.to_owned(), at))
+            .await
+            .map(drop)
+    }
+
+    pub(super) async fn token_by_hash(
+        &self,
+        hash: &str,
+    ) -> Result<Option<StoredToken>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {TOKEN_COLUMNS} FROM api_tokens WHERE token_hash = ?"
+        ))
+        .bind(hash)
+        .fetch_optional(&self.reads)
+        .await?;
+        row.map(|row| {
+            Ok(StoredToken {
+                record: token_from_row(&row)?,
+                hash: row.try_get("token_hash")?,
+            })
+        })
+        .transpose()
+    }
+
+    pub(super) async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {TOKEN_COLUMNS} FROM api_tokens ORDER BY created_at, id"
+        ))
+        .fetch_all(&self.reads)
+        .await?;
+        rows.iter().map(token_from_row).collect()
+    }
+
+    pub(super) async fn count_tokens(&self) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM api_tokens")
+            .fetch_one(&self.reads)
+            .await?;
+        u64::try_from(n).map_err(|e| corrupt("count", e))
     }
 
     pub(super) async fn items(&self, id: RunId) -> Result<Vec<ItemRecord>, StoreError> {
@@ -454,6 +524,49 @@ async fn apply(conn: &mut SqliteConnection, op: WriteOp) -> Result<Written, Stor
             .await?;
             row.as_ref().map(run_from_row).transpose().map(Written::Run)
         }
+        WriteOp::CreateToken(token) => {
+            let (all, tenants) = match &token.scope {
+                TokenScope::AllTenants => (true, Vec::new()),
+                TokenScope::Tenants(t) => {
+                    (false, t.iter().map(|t| t.as_str().to_owned()).collect())
+                }
+            };
+            let row = sqlx::query(&format!(
+                "INSERT INTO api_tokens (id, token_hash, label, all_tenants, tenants, created_at) \
+                 VALUES (?, ?, ?, ?, ?, ?) RETURNING {TOKEN_COLUMNS}"
+            ))
+            .bind(&token.id)
+            .bind(&token.hash)
+            .bind(token.label.as_deref())
+            .bind(all)
+            .bind(serde_json::to_string(&tenants).map_err(|e| corrupt("tenants", e))?)
+            .bind(token.created_at.as_millis())
+            .fetch_one(&mut *conn)
+            .await?;
+            token_from_row(&row).map(|t| Written::Token(Some(t)))
+        }
+        WriteOp::RevokeToken(id, at) => {
+            let row = sqlx::query(&format!(
+                "UPDATE api_tokens SET revoked_at = COALESCE(revoked_at, ?2) WHERE id = ?1 \
+                 RETURNING {TOKEN_COLUMNS}"
+            ))
+            .bind(&id)
+            .bind(at.as_millis())
+            .fetch_optional(&mut *conn)
+            .await?;
+            row.as_ref()
+                .map(token_from_row)
+                .transpose()
+                .map(Written::Token)
+        }
+        WriteOp::TouchToken(id, at) => {
+            sqlx::query("UPDATE api_tokens SET last_used_at = ?2 WHERE id = ?1")
+                .bind(&id)
+                .bind(at.as_millis())
+                .execute(&mut *conn)
+                .await?;
+            Ok(Written::Nothing)
+        }
     }
 }
 
@@ -611,5 +724,29 @@ fn item_from_row(row: &SqliteRow) -> Result<ItemRecord, StoreError> {
         last_error,
         started_at: time(row, "started_at")?,
         finished_at: time(row, "finished_at")?,
+    })
+}
+
+fn token_from_row(row: &SqliteRow) -> Result<TokenRecord, StoreError> {
+    let all_tenants: bool = row.try_get("all_tenants")?;
+    let scope = if all_tenants {
+        TokenScope::AllTenants
+    } else {
+        let raw: String = row.try_get("tenants")?;
+        let names: Vec<String> = serde_json::from_str(&raw).map_err(|e| corrupt("tenants", e))?;
+        TokenScope::Tenants(
+            names
+                .iter()
+                .map(|n| TenantId::parse(n).map_err(|e| corrupt("tenants", e)))
+                .collect::<Result<_, _>>()?,
+        )
+    };
+    Ok(TokenRecord {
+        id: row.try_get("id")?,
+        label: row.try_get("label")?,
+        scope,
+        created_at: Timestamp::from_millis(row.try_get("created_at")?),
+        last_used_at: time(row, "last_used_at")?,
+        revoked_at: time(row, "revoked_at")?,
     })
 }

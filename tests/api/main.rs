@@ -1,6 +1,7 @@
 //! The API, tested over HTTP against the application on a random port,
 //! each test with its own SQLite file.
 
+mod access;
 mod contract;
 mod dedup;
 mod errors;

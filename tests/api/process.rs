@@ -12,14 +12,36 @@ use serde_json::{Value, json};
 use crate::helpers::{ADMIN_TOKEN, TENANT, is_terminal, parts, read_only_db};
 
 /// A `runpilot serve` process on a random port.
-struct Node {
+pub struct Node {
     child: Child,
-    address: String,
-    logs: Arc<Mutex<Vec<String>>>,
+    pub address: String,
+    /// Every line the process wrote to stderr (its logs).
+    pub logs: Arc<Mutex<Vec<String>>>,
+    /// Every line the process wrote to stdout.
+    pub out: Arc<Mutex<Vec<String>>>,
     client: reqwest::Client,
 }
 
-fn runpilot(dir: &Path) -> Command {
+/// Collects a pipe's lines; sends the port of the "listening" line.
+fn collect_lines(
+    pipe: impl std::io::Read + Send + 'static,
+    lines: Arc<Mutex<Vec<String>>>,
+    port: mpsc::Sender<String>,
+) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            if line.contains("listening")
+                && let Some(p) = line.split("port=").nth(1)
+            {
+                let _ = port.send(p.trim().to_owned());
+            }
+            lines.lock().unwrap().push(line);
+        }
+    });
+}
+
+/// The binary, in `dir`, with a clean environment.
+pub fn runpilot(dir: &Path) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_runpilot"));
     command
         .current_dir(dir)
@@ -30,33 +52,26 @@ fn runpilot(dir: &Path) -> Command {
 }
 
 impl Node {
-    fn start(dir: &Path, env: &[(&str, &str)]) -> Node {
+    /// Starts `serve` in `dir` (its database under `dir/data`), with the
+    /// admin token unless `env` sets `RUNPILOT_ADMIN_TOKEN` itself.
+    pub fn start(dir: &Path, env: &[(&str, &str)]) -> Node {
         let mut command = runpilot(dir);
         command
             .arg("serve")
             .env("RUNPILOT_BIND", "127.0.0.1:0")
             .env("RUNPILOT_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("RUNPILOT_DATABASE_URL", "sqlite://data/runpilot.db")
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         for (k, v) in env {
             command.env(k, v);
         }
         let mut child = command.spawn().expect("runpilot starts");
-        let stderr = child.stderr.take().unwrap();
         let logs = Arc::new(Mutex::new(Vec::new()));
+        let out = Arc::new(Mutex::new(Vec::new()));
         let (port_tx, port_rx) = mpsc::channel();
-        let kept = logs.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("listening")
-                    && let Some(port) = line.split("port=").nth(1)
-                {
-                    let _ = port_tx.send(port.trim().to_owned());
-                }
-                kept.lock().unwrap().push(line);
-            }
-        });
+        collect_lines(child.stderr.take().unwrap(), logs.clone(), port_tx.clone());
+        collect_lines(child.stdout.take().unwrap(), out.clone(), port_tx);
         let port = port_rx
             .recv_timeout(Duration::from_secs(30))
             .unwrap_or_else(|_| panic!("no listening line: {:?}", logs.lock().unwrap()));
@@ -64,11 +79,12 @@ impl Node {
             child,
             address: format!("http://127.0.0.1:{port}"),
             logs,
+            out,
             client: reqwest::Client::new(),
         }
     }
 
-    async fn start_run(&self, body: Value) -> (reqwest::StatusCode, Value) {
+    pub async fn start_run(&self, body: Value) -> (reqwest::StatusCode, Value) {
         let response = self
             .client
             .post(format!(
@@ -83,7 +99,7 @@ impl Node {
         parts(response).await
     }
 
-    async fn get_run(&self, id: &str) -> Value {
+    pub async fn get_run(&self, id: &str) -> Value {
         let response = self
             .client
             .get(format!(
@@ -99,7 +115,7 @@ impl Node {
         body
     }
 
-    async fn wait_for(&self, id: &str, done: impl Fn(&Value) -> bool) -> Value {
+    pub async fn wait_for(&self, id: &str, done: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let run = self.get_run(id).await;
@@ -111,7 +127,7 @@ impl Node {
         }
     }
 
-    fn signal(&self, name: &str) {
+    pub fn signal(&self, name: &str) {
         let status = Command::new("kill")
             .arg(format!("-{name}"))
             .arg(self.child.id().to_string())
@@ -120,7 +136,7 @@ impl Node {
         assert!(status.success());
     }
 
-    fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+    pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
         let deadline = Instant::now() + within;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
