@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::error::ApiError;
-use crate::domain::{ItemId, RunRecord};
+use crate::domain::{ItemError, ItemId, ItemRecord, RunRecord};
 
 /// The longest `targetObjectId` or `payloadHash` accepted, in characters.
 const MAX_KEY_PART_CHARS: usize = 1024;
@@ -67,6 +67,47 @@ impl From<RunRecord> for RunDto {
             cancel_requested: r.cancel_requested,
         }
     }
+}
+
+/// An item's result as the API shows it.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ItemDto {
+    pub item_id: String,
+    pub status: &'static str,
+    pub attempts: u32,
+    pub last_error: Option<ItemErrorDto>,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ItemErrorDto {
+    pub code: String,
+    pub context: Map<String, Value>,
+}
+
+impl From<ItemRecord> for ItemDto {
+    fn from(i: ItemRecord) -> Self {
+        Self {
+            item_id: i.item_id.to_string(),
+            status: i.status.as_str(),
+            attempts: i.attempts,
+            last_error: i
+                .last_error
+                .map(|ItemError { code, context }| ItemErrorDto { code, context }),
+            started_at: i.started_at.map(|t| t.to_rfc3339()),
+            finished_at: i.finished_at.map(|t| t.to_rfc3339()),
+        }
+    }
+}
+
+/// A page of items; `nextCursor` is opaque and null on the last page.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ItemPage {
+    pub items: Vec<ItemDto>,
+    pub next_cursor: Option<String>,
 }
 
 /// The answer to a start.

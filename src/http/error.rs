@@ -33,6 +33,8 @@ pub enum ApiError {
     NotFound,
     #[error("this method is not allowed here")]
     MethodNotAllowed,
+    #[error("the run has finished already")]
+    AlreadyFinished,
     #[error("the store is unavailable; try again shortly")]
     StoreUnavailable,
     #[error("the service is shutting down; try again shortly")]
@@ -54,6 +56,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType => "unsupported_media_type",
             ApiError::NotFound => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::AlreadyFinished => "already_finished",
             ApiError::StoreUnavailable => "store_unavailable",
             ApiError::ShuttingDown => "shutting_down",
             ApiError::Internal { .. } => "internal",
@@ -71,6 +74,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType => "Unsupported media type",
             ApiError::NotFound => "Not found",
             ApiError::MethodNotAllowed => "Method not allowed",
+            ApiError::AlreadyFinished => "Already finished",
             ApiError::StoreUnavailable => "Store unavailable",
             ApiError::ShuttingDown => "Shutting down",
             ApiError::Internal { .. } => "Internal error",
@@ -104,6 +108,7 @@ impl ResponseError for ApiError {
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::AlreadyFinished => StatusCode::CONFLICT,
             ApiError::StoreUnavailable | ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }

@@ -48,6 +48,16 @@ pub fn configure(
                             .route(web::get().to(routes::runs::get_run))
                             .default_service(web::to(method_not_allowed)),
                     )
+                    .service(
+                        web::resource("/runs/{run_type}/{run_id}/items")
+                            .route(web::get().to(routes::items::list_items))
+                            .default_service(web::to(method_not_allowed)),
+                    )
+                    .service(
+                        web::resource("/runs/{run_type}/{run_id}/cancel")
+                            .route(web::post().to(routes::runs::cancel_run))
+                            .default_service(web::to(method_not_allowed)),
+                    )
                     .default_service(web::to(not_found)),
             )
             .service(

@@ -21,7 +21,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::domain::{DedupKey, ItemId, RunId, RunRecord, RunType, TenantId};
+use crate::domain::{
+    DedupKey, ItemId, ItemRecord, ItemStatus, RunId, RunRecord, RunType, TenantId,
+};
 use crate::store::{Store, StoreError};
 use executor::Executors;
 
@@ -42,6 +44,24 @@ pub enum RegistryError {
 pub struct Started {
     pub run: RunRecord,
     pub reused: bool,
+}
+
+/// The answer to a cancel.
+#[derive(Debug, Clone)]
+pub enum CancelOutcome {
+    /// The cancel is recorded (now or before); the run is stopping.
+    Accepted(RunRecord),
+    /// The run had ended already.
+    AlreadyFinished(RunRecord),
+}
+
+/// Which items to list, from where.
+#[derive(Debug, Clone)]
+pub struct ItemQuery {
+    pub status: Option<ItemStatus>,
+    /// Items after this position (from the previous page's cursor).
+    pub after: Option<u64>,
+    pub limit: u32,
 }
 
 /// What every actor shares.
@@ -124,6 +144,36 @@ impl Directory {
     ) -> Result<Option<RunRecord>, RegistryError> {
         self.registry(tenant)
             .send(registry::GetRun { run_type, id })
+            .await?
+    }
+
+    /// Cancels a run of that tenant and type; `None` when there is no such run.
+    pub async fn cancel_run(
+        &self,
+        tenant: &TenantId,
+        run_type: RunType,
+        id: RunId,
+    ) -> Result<Option<CancelOutcome>, RegistryError> {
+        self.registry(tenant)
+            .send(registry::CancelRun { run_type, id })
+            .await?
+    }
+
+    /// One page of a run's items with their positions; `None` when there
+    /// is no such run.
+    pub async fn list_items(
+        &self,
+        tenant: &TenantId,
+        run_type: RunType,
+        id: RunId,
+        query: ItemQuery,
+    ) -> Result<Option<Vec<(u64, ItemRecord)>>, RegistryError> {
+        self.registry(tenant)
+            .send(registry::ListItems {
+                run_type,
+                id,
+                query,
+            })
             .await?
     }
 

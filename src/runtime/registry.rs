@@ -8,8 +8,10 @@ use std::collections::{HashMap, VecDeque};
 use actix::prelude::*;
 
 use super::run::{self, RunActor};
-use super::{RegistryError, Shared, Started};
-use crate::domain::{DedupKey, ItemId, RunId, RunRecord, RunStatus, RunType, TenantId, now};
+use super::{CancelOutcome, ItemQuery, RegistryError, Shared, Started};
+use crate::domain::{
+    DedupKey, ItemId, ItemRecord, RunId, RunRecord, RunStatus, RunType, TenantId, now,
+};
 use crate::store::{Created, NewRun};
 
 /// Start a run, or answer the active run that holds the key.
@@ -26,6 +28,23 @@ pub(super) struct StartRun {
 pub(super) struct GetRun {
     pub run_type: RunType,
     pub id: RunId,
+}
+
+/// Cancel a run of this tenant.
+#[derive(Message)]
+#[rtype(result = "Result<Option<CancelOutcome>, RegistryError>")]
+pub(super) struct CancelRun {
+    pub run_type: RunType,
+    pub id: RunId,
+}
+
+/// A page of a run's items.
+#[derive(Message)]
+#[rtype(result = "Result<Option<Vec<(u64, ItemRecord)>>, RegistryError>")]
+pub(super) struct ListItems {
+    pub run_type: RunType,
+    pub id: RunId,
+    pub query: ItemQuery,
 }
 
 /// Take back an unfinished run found in the store at start-up.
@@ -81,6 +100,7 @@ impl TenantRegistry {
     fn launch(&mut self, run: RunRecord, holds_slot: bool, ctx: &mut Context<Self>) {
         let id = run.id;
         let key = run.dedup_key();
+        let cancel_first = run.cancel_requested;
         let addr = RunActor::new(run, self.shared.clone(), ctx.address()).start();
         self.by_key.insert(key.clone(), id);
         self.live.insert(
@@ -91,7 +111,8 @@ impl TenantRegistry {
                 begun: false,
             },
         );
-        if holds_slot || self.executing < self.max_executing() {
+        // A run with a stored cancel begins at once, only to end.
+        if holds_slot || self.executing < self.max_executing() || cancel_first {
             self.begin(id);
         } else {
             self.waiting.push_back(id);
@@ -180,6 +201,63 @@ impl Handler<GetRun> for TenantRegistry {
             }
             // Not live (or stopped just now): the store is current.
             Ok(store.get_run(&tenant, msg.run_type, msg.id).await?)
+        })
+    }
+}
+
+impl Handler<CancelRun> for TenantRegistry {
+    type Result = ResponseFuture<Result<Option<CancelOutcome>, RegistryError>>;
+
+    fn handle(&mut self, msg: CancelRun, _: &mut Context<Self>) -> Self::Result {
+        let live = self.live.get(&msg.id).map(|l| l.addr.clone());
+        let store = self.shared.store.clone();
+        let tenant = self.tenant.clone();
+        Box::pin(async move {
+            if let Some(addr) = live
+                && let Ok(run) = addr.send(run::GetRun).await
+            {
+                if run.run_type != msg.run_type {
+                    return Ok(None);
+                }
+                if let Ok(outcome) = addr.send(run::CancelRun).await {
+                    return Ok(Some(outcome?));
+                }
+            }
+            // No live actor here: the store decides.
+            let Some(run) = store.get_run(&tenant, msg.run_type, msg.id).await? else {
+                return Ok(None);
+            };
+            if run.status.is_terminal() {
+                return Ok(Some(CancelOutcome::AlreadyFinished(run)));
+            }
+            Ok(Some(match store.request_cancel(msg.id, now()).await? {
+                Some(run) => CancelOutcome::Accepted(run),
+                None => CancelOutcome::AlreadyFinished(run),
+            }))
+        })
+    }
+}
+
+impl Handler<ListItems> for TenantRegistry {
+    type Result = ResponseFuture<Result<Option<Vec<(u64, ItemRecord)>>, RegistryError>>;
+
+    fn handle(&mut self, msg: ListItems, _: &mut Context<Self>) -> Self::Result {
+        let store = self.shared.store.clone();
+        let tenant = self.tenant.clone();
+        Box::pin(async move {
+            // Items are read from the store, which is current: every item
+            // transition is committed before anything reports it.
+            if store
+                .get_run(&tenant, msg.run_type, msg.id)
+                .await?
+                .is_none()
+            {
+                return Ok(None);
+            }
+            let q = msg.query;
+            Ok(Some(
+                store.item_page(msg.id, q.status, q.after, q.limit).await?,
+            ))
         })
     }
 }

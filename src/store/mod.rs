@@ -7,8 +7,8 @@ mod sqlite;
 
 use crate::config::DatabaseConfig;
 use crate::domain::{
-    DedupKey, ItemError, ItemId, ItemRecord, RunId, RunRecord, RunStatus, RunType, SafeError,
-    TenantId, Timestamp, TokenRecord, TokenScope,
+    DedupKey, ItemError, ItemId, ItemRecord, ItemStatus, RunId, RunRecord, RunStatus, RunType,
+    SafeError, TenantId, Timestamp, TokenRecord, TokenScope,
 };
 
 /// What went wrong in the store. `Unavailable` is worth retrying later;
@@ -220,6 +220,28 @@ impl Store {
     /// A run's items in their planned order.
     pub async fn items(&self, id: RunId) -> Result<Vec<ItemRecord>, StoreError> {
         self.backend.items(id).await
+    }
+
+    /// One page of a run's items in planned order: those after position
+    /// `after`, with `status` when given, at most `limit`; each with its position.
+    pub async fn item_page(
+        &self,
+        id: RunId,
+        status: Option<ItemStatus>,
+        after: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<(u64, ItemRecord)>, StoreError> {
+        self.backend.item_page(id, status, after, limit).await
+    }
+
+    /// Records a cancel request on an active run; `None` when the run has
+    /// ended (or does not exist).
+    pub async fn request_cancel(
+        &self,
+        id: RunId,
+        at: Timestamp,
+    ) -> Result<Option<RunRecord>, StoreError> {
+        self.backend.request_cancel(id, at).await
     }
 
     /// Stores a new token (its hash).

@@ -64,6 +64,7 @@ enum WriteOp {
         cancel_rest: bool,
         at: Timestamp,
     },
+    RequestCancel(RunId, Timestamp),
     CreateToken(NewToken),
     RevokeToken(String, Timestamp),
     TouchToken(String, Timestamp),
@@ -313,6 +314,39 @@ impl SqliteStore {
         u64::try_from(n).map_err(|e| corrupt("count", e))
     }
 
+    pub(super) async fn request_cancel(
+        &self,
+        id: RunId,
+        at: Timestamp,
+    ) -> Result<Option<RunRecord>, StoreError> {
+        self.write_run(WriteOp::RequestCancel(id, at)).await
+    }
+
+    pub(super) async fn item_page(
+        &self,
+        id: RunId,
+        status: Option<ItemStatus>,
+        after: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<(u64, ItemRecord)>, StoreError> {
+        let after = after.map_or(-1, |p| i64::try_from(p).unwrap_or(i64::MAX));
+        let rows = sqlx::query(
+            "SELECT position, item_id, status, attempts, last_error_code, last_error_context, \
+             started_at, finished_at FROM run_items \
+             WHERE run_id = ?1 AND position > ?2 AND (?3 IS NULL OR status = ?3) \
+             ORDER BY position LIMIT ?4",
+        )
+        .bind(id.to_string())
+        .bind(after)
+        .bind(status.map(ItemStatus::as_str))
+        .bind(i64::from(limit))
+        .fetch_all(&self.reads)
+        .await?;
+        rows.iter()
+            .map(|row| Ok((count(row, "position")?, item_from_row(row)?)))
+            .collect()
+    }
+
     pub(super) async fn items(&self, id: RunId) -> Result<Vec<ItemRecord>, StoreError> {
         let rows = sqlx::query(
             "SELECT item_id, status, attempts, last_error_code, last_error_context, \
@@ -439,7 +473,7 @@ async fn apply(conn: &mut SqliteConnection, op: WriteOp) -> Result<Written, Stor
             Ok(Written::Nothing)
         }
         WriteOp::RetryItem(id, item, error, at) => {
-            sqlx::query(
+            let changed = sqlx::query(
                 "UPDATE run_items SET status = 'pending', last_error_code = ?3, \
                  last_error_context = ?4 WHERE run_id = ?1 AND item_id = ?2 AND status = 'running'",
             )
@@ -448,7 +482,11 @@ async fn apply(conn: &mut SqliteConnection, op: WriteOp) -> Result<Written, Stor
             .bind(&error.code)
             .bind(Value::Object(error.context).to_string())
             .execute(&mut *conn)
-            .await?;
+            .await?
+            .rows_affected();
+            if changed > 0 {
+                record_attempt(conn, id, &item, "retried", Some(&error.code), at).await?;
+            }
             touch(conn, id, at).await?;
             Ok(Written::Nothing)
         }
@@ -457,6 +495,7 @@ async fn apply(conn: &mut SqliteConnection, op: WriteOp) -> Result<Written, Stor
                 ItemOutcome::Succeeded => (ItemStatus::Succeeded, "succeeded", None),
                 ItemOutcome::Failed(e) => (ItemStatus::Failed, "failed", Some(e)),
             };
+            let error_code = error.as_ref().map(|e| e.code.clone());
             let changed = sqlx::query(
                 "UPDATE run_items SET status = ?3, finished_at = ?4, \
                  last_error_code = COALESCE(?5, last_error_code), \
@@ -467,7 +506,7 @@ async fn apply(conn: &mut SqliteConnection, op: WriteOp) -> Result<Written, Stor
             .bind(item.as_str())
             .bind(status.as_str())
             .bind(at.as_millis())
-            .bind(error.as_ref().map(|e| e.code.clone()))
+            .bind(error_code.clone())
             .bind(error.map(|e| Value::Object(e.context).to_string()))
             .execute(&mut *conn)
             .await?
@@ -475,6 +514,7 @@ async fn apply(conn: &mut SqliteConnection, op: WriteOp) -> Result<Written, Stor
             if changed == 0 {
                 return Ok(Written::Run(None));
             }
+            record_attempt(conn, id, &item, status.as_str(), error_code.as_deref(), at).await?;
             let row = sqlx::query(&format!(
                 "UPDATE runs SET {column} = {column} + 1, updated_at = ?2 WHERE id = ?1 \
                  RETURNING {RUN_COLUMNS}"
@@ -511,7 +551,7 @@ async fn apply(conn: &mut SqliteConnection, op: WriteOp) -> Result<Written, Stor
             };
             let row = sqlx::query(&format!(
                 "UPDATE runs SET status = ?2, safe_error_code = ?3, safe_error_context = ?4, \
-                 finished_at = ?5, updated_at = ?5, cancel_requested = 0, \
+                 finished_at = ?5, updated_at = ?5, \
                  started_at = COALESCE(started_at, ?5) \
                  WHERE id = ?1 AND status IN ('queued', 'running') RETURNING {RUN_COLUMNS}"
             ))
@@ -519,6 +559,17 @@ async fn apply(conn: &mut SqliteConnection, op: WriteOp) -> Result<Written, Stor
             .bind(status.as_str())
             .bind(code)
             .bind(context)
+            .bind(at.as_millis())
+            .fetch_optional(&mut *conn)
+            .await?;
+            row.as_ref().map(run_from_row).transpose().map(Written::Run)
+        }
+        WriteOp::RequestCancel(id, at) => {
+            let row = sqlx::query(&format!(
+                "UPDATE runs SET cancel_requested = 1, updated_at = ?2 \
+                 WHERE id = ?1 AND status IN ('queued', 'running') RETURNING {RUN_COLUMNS}"
+            ))
+            .bind(id.to_string())
             .bind(at.as_millis())
             .fetch_optional(&mut *conn)
             .await?;
@@ -631,6 +682,29 @@ async fn insert_items(
         .execute(&mut *conn)
         .await?;
     }
+    Ok(())
+}
+
+/// The history row of a finished attempt (the attempt number is the item's).
+async fn record_attempt(
+    conn: &mut SqliteConnection,
+    id: RunId,
+    item: &ItemId,
+    outcome: &str,
+    error_code: Option<&str>,
+    at: Timestamp,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT OR REPLACE INTO run_item_attempts (run_id, item_id, attempt, outcome, error_code, finished_at) \
+         SELECT run_id, item_id, attempts, ?3, ?4, ?5 FROM run_items WHERE run_id = ?1 AND item_id = ?2",
+    )
+    .bind(id.to_string())
+    .bind(item.as_str())
+    .bind(outcome)
+    .bind(error_code)
+    .bind(at.as_millis())
+    .execute(&mut *conn)
+    .await?;
     Ok(())
 }
 

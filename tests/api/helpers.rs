@@ -50,6 +50,13 @@ pub async fn spawn_app() -> TestApp {
     spawn_app_with(|_| {}).await
 }
 
+/// Changes one run type's settings in a test configuration.
+pub fn tune(config: &mut Config, run_type: RunType, change: impl FnOnce(&mut RunTypeConfig)) {
+    let mut settings = config.run_type(run_type);
+    change(&mut settings);
+    config.set_run_type(run_type, settings);
+}
+
 pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
     spawn_app_with_executors(adjust, |_| {}).await
 }
@@ -127,6 +134,32 @@ impl TestApp {
         let response = self
             .client
             .get(self.url(&format!("/admin/t/{tenant}/runs/{run_type}/{id}")))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .expect("request sent");
+        parts(response).await
+    }
+
+    /// `GET …/{id}/items` with a query string (may be empty).
+    pub async fn list_items(&self, run_type: &str, id: &str, query: &str) -> (StatusCode, Value) {
+        let response = self
+            .client
+            .get(self.url(&format!(
+                "/admin/t/{TENANT}/runs/{run_type}/{id}/items?{query}"
+            )))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .expect("request sent");
+        parts(response).await
+    }
+
+    /// `POST …/{id}/cancel`.
+    pub async fn cancel_run(&self, run_type: &str, id: &str) -> (StatusCode, Value) {
+        let response = self
+            .client
+            .post(self.url(&format!("/admin/t/{TENANT}/runs/{run_type}/{id}/cancel")))
             .bearer_auth(ADMIN_TOKEN)
             .send()
             .await

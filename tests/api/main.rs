@@ -2,10 +2,13 @@
 //! each test with its own SQLite file.
 
 mod access;
+mod cancel;
 mod contract;
 mod dedup;
 mod errors;
 mod helpers;
+mod items;
 mod outcomes;
 mod persistence;
 mod process;
+mod supervision;

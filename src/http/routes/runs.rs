@@ -9,8 +9,10 @@ use crate::http::AppState;
 use crate::http::auth::TenantAccess;
 use crate::http::dto::{RunDto, RunStartRequest, RunStartResponse};
 use crate::http::error::ApiError;
+use crate::runtime::CancelOutcome;
 
-fn run_type(req: &HttpRequest) -> Result<RunType, ApiError> {
+/// The run type of the path; 400 `unknown_run_type` when it is none.
+pub(super) fn run_type(req: &HttpRequest) -> Result<RunType, ApiError> {
     let raw = req.match_info().get("run_type").unwrap_or_default();
     raw.parse()
         .map_err(|e: crate::domain::UnknownValue| ApiError::UnknownRunType(e.to_string()))
@@ -59,14 +61,40 @@ pub async fn get_run(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let run_type = run_type(&req)?;
-    let raw_id = req.match_info().get("run_id").unwrap_or_default();
-    let id = RunId::parse(raw_id).map_err(|_| ApiError::NotFound)?;
+    let id = run_id(&req)?;
     let run = state
         .directory
         .get_run(&tenant.0, run_type, id)
         .await?
         .ok_or(ApiError::NotFound)?;
     Ok(HttpResponse::Ok().json(RunDto::from(run)))
+}
+
+/// `POST /admin/t/{tenant}/runs/{runType}/{runId}/cancel`: 202 while the
+/// cancel is under way (again 202), 409 once the run has finished.
+#[tracing::instrument(skip_all, fields(tenant = %tenant.0))]
+pub async fn cancel_run(
+    tenant: TenantAccess,
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let run_type = run_type(&req)?;
+    let id = run_id(&req)?;
+    match state
+        .directory
+        .cancel_run(&tenant.0, run_type, id)
+        .await?
+        .ok_or(ApiError::NotFound)?
+    {
+        CancelOutcome::Accepted(run) => Ok(HttpResponse::Accepted().json(RunDto::from(run))),
+        CancelOutcome::AlreadyFinished(_) => Err(ApiError::AlreadyFinished),
+    }
+}
+
+/// The run id of the path; a malformed id is a run that does not exist.
+pub(super) fn run_id(req: &HttpRequest) -> Result<RunId, ApiError> {
+    let raw = req.match_info().get("run_id").unwrap_or_default();
+    RunId::parse(raw).map_err(|_| ApiError::NotFound)
 }
 
 /// Reads a request body of at most `limit` bytes; a body with a

@@ -14,13 +14,14 @@ use actix::prelude::*;
 use futures_util::FutureExt;
 use tokio_util::sync::CancellationToken;
 
-use super::Shared;
 use super::executor::{ItemExecutor, PlanRequest};
 use super::registry::{RunFinished, TenantRegistry};
+use super::{CancelOutcome, Shared};
 use crate::config::RunTypeConfig;
 use crate::domain::{
     ItemError, ItemId, ItemStatus, RunRecord, RunStatus, SafeError, SafeErrorCode, now,
 };
+use crate::store::StoreError;
 
 /// How many failed item ids a run's safeError context names.
 const FAILED_IDS_IN_CONTEXT: usize = 10;
@@ -34,6 +35,11 @@ pub(super) struct Begin;
 #[derive(Message)]
 #[rtype(result = "RunRecord")]
 pub(super) struct GetRun;
+
+/// Stop the run: pending items are canceled, attempts in flight aborted.
+#[derive(Message)]
+#[rtype(result = "Result<CancelOutcome, StoreError>")]
+pub(super) struct CancelRun;
 
 /// Where the run is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +86,12 @@ impl RunActor {
     pub(super) fn new(record: RunRecord, shared: Shared, registry: Addr<TenantRegistry>) -> Self {
         let settings = shared.config.run_type(record.run_type);
         let executor = shared.executors.get(record.run_type);
+        // A cancel that was stored before a restart still holds.
+        let stopped = record.cancel_requested.then_some(SafeErrorCode::Canceled);
+        let stop = CancellationToken::new();
+        if stopped.is_some() {
+            stop.cancel();
+        }
         Self {
             record,
             settings,
@@ -92,8 +104,8 @@ impl RunActor {
             in_flight: HashMap::new(),
             backing_off: 0,
             acquiring: false,
-            stop: CancellationToken::new(),
-            stopped: None,
+            stop,
+            stopped,
             failed_ids: Vec::new(),
         }
     }
@@ -149,7 +161,7 @@ impl RunActor {
     }
 
     fn plan(&mut self, ctx: &mut Context<Self>) {
-        if self.record.planned {
+        if self.record.planned || self.stopped.is_some() {
             return self.load_items(ctx);
         }
         let plan = self.executor.plan(self.plan_request());
@@ -246,6 +258,10 @@ impl RunActor {
         self.stopped = Some(code);
         self.ready.clear();
         self.stop.cancel();
+        if self.phase == Phase::Waiting {
+            // Never begun: nothing runs, it ends now.
+            self.phase = Phase::Executing;
+        }
         self.check_done(ctx);
     }
 
@@ -335,6 +351,35 @@ impl Handler<Begin> for RunActor {
         if self.phase == Phase::Waiting {
             self.start(ctx);
         }
+    }
+}
+
+impl Handler<CancelRun> for RunActor {
+    type Result = ResponseActFuture<Self, Result<CancelOutcome, StoreError>>;
+
+    fn handle(&mut self, _: CancelRun, _: &mut Context<Self>) -> Self::Result {
+        if self.record.status.is_terminal() || self.phase == Phase::Finishing {
+            return Box::pin(fut::ready(Ok(CancelOutcome::AlreadyFinished(
+                self.record.clone(),
+            ))));
+        }
+        if self.record.cancel_requested {
+            return Box::pin(fut::ready(Ok(CancelOutcome::Accepted(self.record.clone()))));
+        }
+        let store = self.shared.store.clone();
+        let id = self.record.id;
+        Box::pin(
+            async move { store.request_cancel(id, now()).await }
+                .into_actor(self)
+                .map(|stored, act, ctx| match stored? {
+                    Some(run) => {
+                        act.adopt(run);
+                        act.stop_early(SafeErrorCode::Canceled, ctx);
+                        Ok(CancelOutcome::Accepted(act.record.clone()))
+                    }
+                    None => Ok(CancelOutcome::AlreadyFinished(act.record.clone())),
+                }),
+        )
     }
 }
 
