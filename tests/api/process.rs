@@ -313,3 +313,46 @@ fn a_bad_setting_stops_start_up_naming_the_key_and_the_source() {
         "{stderr}"
     );
 }
+
+#[actix_rt::test]
+async fn a_cancel_stored_before_a_crash_still_holds_after_the_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let slow = [("RUNPILOT_RUN_TYPES__SNAPSHOT_CAPTURE__DELAY", "300ms")];
+    let mut node = Node::start(dir.path(), &slow);
+    let (_, created) = node.start_run(thirty_items()).await;
+    let id = created["run"]["id"].as_str().unwrap().to_owned();
+    node.wait_for(&id, |r| r["counts"]["succeeded"].as_u64().unwrap() >= 2)
+        .await;
+    node.child.kill().unwrap();
+    node.child.wait().unwrap();
+    // The state a cancel leaves when the process dies right after storing it.
+    let db = dir.path().join("data/runpilot.db");
+    let options = sqlx::sqlite::SqliteConnectOptions::new().filename(&db);
+    let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+    sqlx::query("UPDATE runs SET cancel_requested = 1 WHERE id = $1")
+        .bind(&id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+
+    let node = Node::start(dir.path(), &slow);
+    let run = node.wait_for(&id, is_terminal).await;
+
+    assert_eq!(run["safeError"]["code"], "canceled", "{run}");
+    let done = run["counts"]["succeeded"].as_u64().unwrap();
+    assert!(done >= 2 && done < 30);
+    assert_eq!(
+        run["safeError"]["context"]["canceledItems"]
+            .as_u64()
+            .unwrap(),
+        30 - done
+    );
+    let pool = read_only_db(&db).await;
+    let unfinished: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM run_items WHERE status IN ('pending', 'running')")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(unfinished, 0);
+}
