@@ -5,6 +5,7 @@ mod contract;
 mod dedup;
 mod errors;
 mod helpers;
+mod http_executor;
 mod outcomes;
 mod persistence;
 mod process;
