@@ -184,10 +184,14 @@ pub struct RunTypeConfig {
     /// Simulated only: how many items a run without `itemIds` plans.
     #[serde(deserialize_with = "de_count")]
     pub items: u32,
-    /// Http only: the worker endpoint items are posted to.
+    /// Http only: the worker endpoint items are posted to (an `http://` URL).
     pub url: Option<String>,
-    /// Http only: the endpoint that plans a run's items.
+    /// Http only: the endpoint that plans a run's items; without it, runs of
+    /// this type must name their `itemIds` (else they fail with `plan_failed`).
     pub plan_url: Option<String>,
+    /// Http only: headers sent on every request to the worker (its own auth,
+    /// for instance). Their values are secrets: never logged, never printed.
+    pub headers: StaticHeaders,
 }
 
 impl Default for RunTypeConfig {
@@ -204,6 +208,7 @@ impl Default for RunTypeConfig {
             items: 10,
             url: None,
             plan_url: None,
+            headers: StaticHeaders::default(),
         }
     }
 }
@@ -285,6 +290,15 @@ impl Config {
                     "key `run_types.{name}.url`: required when executor = \"http\""
                 ));
             }
+            for (key, value) in [("url", &rt.url), ("plan_url", &rt.plan_url)] {
+                if let Some(raw) = value {
+                    // The message names the key only: a URL may carry credentials.
+                    worker_url(raw).map_err(|e| format!("key `run_types.{name}.{key}`: {e}"))?;
+                }
+            }
+            rt.headers
+                .to_header_map()
+                .map_err(|e| format!("key `run_types.{name}.headers`: {e}"))?;
         }
         for (key, value) in [
             (
@@ -312,6 +326,83 @@ impl Config {
     pub fn set_run_type(&mut self, run_type: RunType, settings: RunTypeConfig) {
         self.run_types
             .insert(run_type.as_str().to_owned(), settings);
+    }
+}
+
+/// A worker endpoint of the `http` executor: an absolute `http://` URL.
+///
+/// `https://` is refused because this build's HTTP client carries no TLS
+/// stack (reqwest without a TLS feature, to keep the build lean); refusing
+/// at start-up beats failing every attempt with `connection_failed`. The
+/// error never repeats the URL, which may hold credentials.
+pub fn worker_url(raw: &str) -> Result<reqwest::Url, String> {
+    let url = reqwest::Url::parse(raw).map_err(|e| format!("not a URL ({e})"))?;
+    match url.scheme() {
+        "http" if url.host().is_some() => Ok(url),
+        "http" => Err("the URL has no host".to_owned()),
+        "https" => Err(
+            "https is not supported by this build (no TLS in its HTTP client); \
+             use http:// behind a TLS-terminating proxy"
+                .to_owned(),
+        ),
+        other => Err(format!("the scheme must be http, not {other}")),
+    }
+}
+
+/// Header names that runpilot sets itself (or that HTTP manages); a static
+/// header may not replace them.
+const RESERVED_HEADERS: [&str; 6] = [
+    "idempotency-key",
+    "content-type",
+    "content-length",
+    "host",
+    "transfer-encoding",
+    "connection",
+];
+
+/// Static headers of an `http` run type (`headers = { Authorization = "…" }`).
+/// `Debug` prints the names only: the values are the worker's secrets.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct StaticHeaders(BTreeMap<String, String>);
+
+impl StaticHeaders {
+    /// Adds or replaces one header (for library users and tests).
+    pub fn insert(&mut self, name: impl Into<String>, value: impl Into<String>) {
+        self.0.insert(name.into(), value.into());
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The headers as sent, each value marked sensitive so the HTTP client
+    /// never prints it either. The error names the header, never its value.
+    pub fn to_header_map(&self) -> Result<reqwest::header::HeaderMap, String> {
+        use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+        let mut map = HeaderMap::new();
+        for (name, value) in &self.0 {
+            let header = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| format!("`{name}` is not a valid header name"))?;
+            if RESERVED_HEADERS.contains(&header.as_str()) {
+                return Err(format!(
+                    "`{name}` is set by runpilot and cannot be configured"
+                ));
+            }
+            let mut value = HeaderValue::from_str(value).map_err(|_| {
+                format!("the value of `{name}` is not a valid header value (no control characters or line breaks)")
+            })?;
+            value.set_sensitive(true);
+            map.insert(header, value);
+        }
+        Ok(map)
+    }
+}
+
+impl fmt::Debug for StaticHeaders {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Names only: the values are secrets.
+        f.debug_set().entries(self.0.keys()).finish()
     }
 }
 
@@ -541,6 +632,59 @@ mod tests {
     fn an_unknown_run_type_is_refused() {
         let err = load("[run_types.backup]\n", &[]).unwrap_err().to_string();
         assert!(err.contains("run_types.backup"), "{err}");
+    }
+
+    #[test]
+    fn http_run_types_take_worker_urls_and_static_headers() {
+        let config = load(
+            "[run_types.restore_execute]\nexecutor = \"http\"\nurl = \"http://127.0.0.1:9000/items\"\n\
+             plan_url = \"http://127.0.0.1:9000/plan\"\nheaders = { Authorization = \"Bearer s3cret\" }\n",
+            &[],
+        )
+        .unwrap();
+        let settings = config.run_type(RunType::RestoreExecute);
+        assert_eq!(settings.executor, ExecutorKind::Http);
+        let headers = settings.headers.to_header_map().unwrap();
+        assert_eq!(headers["authorization"], "Bearer s3cret");
+        assert!(headers["authorization"].is_sensitive());
+        let printed = format!("{settings:?}");
+        assert!(printed.contains("Authorization"), "{printed}");
+        assert!(!printed.contains("s3cret"), "{printed}");
+    }
+
+    #[test]
+    fn bad_static_headers_are_named_without_their_values() {
+        let rt =
+            "[run_types.restore_execute]\nexecutor = \"http\"\nurl = \"http://127.0.0.1:9000/\"\n";
+        for headers in [
+            "headers = { \"Bad Name\" = \"v\" }",
+            "headers = { X-Token = \"line\\nbreak-s3cret\" }",
+            "headers = { Idempotency-Key = \"s3cret\" }",
+        ] {
+            let err = load(&format!("{rt}{headers}\n"), &[])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("run_types.restore_execute.headers"), "{err}");
+            assert!(!err.contains("s3cret"), "{err}");
+        }
+    }
+
+    #[test]
+    fn worker_urls_must_be_http_and_are_not_repeated_in_errors() {
+        for url in [
+            "not a url",
+            "ftp://127.0.0.1/x",
+            "https://user:s3cret@example.com/items",
+        ] {
+            let err = load(
+                &format!("[run_types.restore_execute]\nexecutor = \"http\"\nplan_url = \"{url}\"\nurl = \"http://127.0.0.1:1/\"\n"),
+                &[],
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("run_types.restore_execute.plan_url"), "{err}");
+            assert!(!err.contains("s3cret"), "{err}");
+        }
     }
 
     #[test]

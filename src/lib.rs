@@ -7,6 +7,8 @@
 //! - [`runtime`]: the actors. A `TenantRegistry` per tenant owns the dedup
 //!   key → `RunActor` map; a `RunActor` per live run supervises its items'
 //!   attempts and persists every transition before it reports it.
+//!   `runtime::executor` does the items' work: the `ItemExecutor` trait, the
+//!   simulated executor and the http executor (a worker of the product).
 //! - [`access`]: tokens (the admin token and hashed stored tokens).
 //! - [`http`]: the API (actix-web). Handlers only send messages through the
 //!   runtime's [`runtime::Directory`]; they never touch the store.

@@ -7,6 +7,7 @@ mod contract;
 mod dedup;
 mod errors;
 mod helpers;
+mod http_executor;
 mod items;
 mod outcomes;
 mod persistence;

@@ -45,9 +45,12 @@ async fn the_database_shows_each_item_and_the_counts_while_a_run_goes() {
     let mut checked_mid_run = 0;
     loop {
         let (_, run) = app.get_run(TENANT, "snapshot_capture", &id).await;
+        // One read transaction, so the run row and its items are read from
+        // the same snapshot (an item may commit between two lone reads).
+        let mut snapshot = db.begin().await.unwrap();
         let row = sqlx::query("SELECT status, succeeded, failed FROM runs WHERE id = ?")
             .bind(&id)
-            .fetch_one(&db)
+            .fetch_one(&mut *snapshot)
             .await
             .unwrap();
         let (db_succeeded, db_failed): (i64, i64) = (row.get("succeeded"), row.get("failed"));
@@ -55,9 +58,10 @@ async fn the_database_shows_each_item_and_the_counts_while_a_run_goes() {
             "SELECT status, COUNT(*) FROM run_items WHERE run_id = ? GROUP BY status",
         )
         .bind(&id)
-        .fetch_all(&db)
+        .fetch_all(&mut *snapshot)
         .await
         .unwrap();
+        snapshot.rollback().await.unwrap();
         let items_in = |s: &str| by_item.iter().find(|(k, _)| k == s).map_or(0, |(_, n)| *n);
 
         // What was reported is already stored: the answer is never ahead.

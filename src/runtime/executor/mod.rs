@@ -3,6 +3,7 @@
 //! `execute` runs one attempt of one item. The built-in executors are chosen
 //! per run type by the configuration.
 
+mod http;
 mod simulated;
 
 use std::collections::HashMap;
@@ -14,6 +15,7 @@ use futures_util::future::BoxFuture;
 use crate::config::{Config, ExecutorKind};
 use crate::domain::{ItemError, ItemId, RunId, RunType, TenantId};
 
+pub use http::{HttpExecutor, HttpExecutorError};
 pub use simulated::SimulatedExecutor;
 
 /// What an executor knows of the run it plans.
@@ -51,6 +53,15 @@ pub enum AttemptError {
         error: ItemError,
         retry_after: Option<Duration>,
     },
+    /// The upstream said "too many requests" (HTTP 429). Kept apart from
+    /// `Retryable` because SPEC 4.2 throttles per tenant: a 429 on any item
+    /// is to pause the whole tenant's dispatch, and throttled attempts are
+    /// not to use up `max_attempts`. Until that governor exists, the
+    /// supervisor treats it exactly like `Retryable`.
+    Throttled {
+        error: ItemError,
+        retry_after: Option<Duration>,
+    },
     /// Would fail again: the item fails now.
     Permanent(ItemError),
 }
@@ -58,7 +69,9 @@ pub enum AttemptError {
 impl AttemptError {
     pub fn error(&self) -> &ItemError {
         match self {
-            AttemptError::Retryable { error, .. } | AttemptError::Permanent(error) => error,
+            AttemptError::Retryable { error, .. }
+            | AttemptError::Throttled { error, .. }
+            | AttemptError::Permanent(error) => error,
         }
     }
 }
@@ -90,9 +103,20 @@ impl Executors {
                     ExecutorKind::Simulated => {
                         Arc::new(SimulatedExecutor::new(settings.delay.0, settings.items))
                     }
-                    // Until the HTTP executor exists, such a run fails with
-                    // `executor_unavailable` rather than pretending.
-                    ExecutorKind::Http => Arc::new(Unavailable),
+                    ExecutorKind::Http => match HttpExecutor::new(&settings) {
+                        Ok(http) => Arc::new(http),
+                        // Only a config built in code (not loaded, so not
+                        // validated) gets here: its runs fail with
+                        // `executor_unavailable` rather than pretending.
+                        Err(error) => {
+                            tracing::error!(
+                                run_type = run_type.as_str(),
+                                %error,
+                                "the http executor cannot be built"
+                            );
+                            Arc::new(Unavailable)
+                        }
+                    },
                 };
                 (run_type, executor)
             })
@@ -113,7 +137,8 @@ impl Executors {
     }
 }
 
-/// An executor that is configured but cannot run here.
+/// An executor that is configured but cannot run here: the fallback for a
+/// run type without an executor, or whose http executor could not be built.
 struct Unavailable;
 
 impl ItemExecutor for Unavailable {

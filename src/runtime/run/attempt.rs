@@ -155,9 +155,12 @@ impl RunActor {
                 return self.check_done(ctx);
             }
             Ended::Succeeded => ItemOutcome::Succeeded,
-            Ended::Failed(AttemptError::Retryable { error, retry_after })
-                if attempt < self.settings.max_attempts && self.stopped.is_none() =>
-            {
+            // A throttled attempt is retried like any retryable one for now;
+            // the per-tenant throttle of SPEC 4.2 will tell them apart.
+            Ended::Failed(
+                AttemptError::Retryable { error, retry_after }
+                | AttemptError::Throttled { error, retry_after },
+            ) if attempt < self.settings.max_attempts && self.stopped.is_none() => {
                 let wait = self.backoff(attempt, retry_after);
                 tracing::debug!(run_id = %id, item = %item, attempt, code = %error.code, "attempt failed; retrying");
                 let write_item = item.clone();
