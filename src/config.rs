@@ -53,6 +53,10 @@ pub struct ServerConfig {
     pub body_limit: ByteSize,
     /// How long running items may take to finish after SIGTERM/SIGINT.
     pub shutdown_grace: Dur,
+    /// Whether `/metrics` asks for a token reaching every tenant (the
+    /// default config binds to loopback, so it does not).
+    #[serde(deserialize_with = "de_flag")]
+    pub metrics_require_token: bool,
 }
 
 impl Default for ServerConfig {
@@ -61,6 +65,7 @@ impl Default for ServerConfig {
             bind: "127.0.0.1:8080".into(),
             body_limit: ByteSize(1024 * 1024),
             shutdown_grace: Dur(Duration::from_secs(10)),
+            metrics_require_token: false,
         }
     }
 }
@@ -179,6 +184,12 @@ pub struct RunTypeConfig {
     pub retry_base: Dur,
     /// The largest backoff ceiling between attempts.
     pub retry_cap: Dur,
+    /// The longest tenant pause one 429 causes (a larger `Retry-After` is cut to it).
+    pub throttle_cap: Dur,
+    /// Throttled (429) attempts an item may have; they do not count toward
+    /// `max_attempts`, and past this many the item fails.
+    #[serde(deserialize_with = "de_count")]
+    pub max_throttled_waits: u32,
     /// Simulated only: how long one item takes.
     pub delay: Dur,
     /// Simulated only: how many items a run without `itemIds` plans.
@@ -204,6 +215,8 @@ impl Default for RunTypeConfig {
             deadline: Some(Dur(Duration::from_secs(6 * 3600))),
             retry_base: Dur(Duration::from_millis(200)),
             retry_cap: Dur(Duration::from_secs(30)),
+            throttle_cap: Dur(Duration::from_secs(300)),
+            max_throttled_waits: 20,
             delay: Dur(Duration::from_millis(200)),
             items: 10,
             url: None,
@@ -443,6 +456,26 @@ fn apply_env(
         from_env.insert(path.join("."), name.clone());
     }
     Ok(from_env)
+}
+
+/// Flags may be written as booleans in the file or as strings (environment).
+fn de_flag<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Bool(bool),
+        Text(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Bool(b) => Ok(b),
+        Raw::Text(s) => match s.trim() {
+            "true" => Ok(true),
+            "false" => Ok(false),
+            other => Err(serde::de::Error::custom(format!(
+                "'{other}' is not true or false"
+            ))),
+        },
+    }
 }
 
 /// Counts may be written as numbers in the file or as strings (environment).

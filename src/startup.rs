@@ -52,6 +52,8 @@ impl Application {
     /// Builds with the given executors (library users compile in their own).
     pub async fn build_with(config: Config, executors: Executors) -> Result<Self, StartupError> {
         let config = Arc::new(config);
+        // Installs the metrics recorder before anything records.
+        crate::telemetry::metrics();
         let store = Store::open(&config.database).await?;
         let directory = Directory::new(store.clone(), config.clone(), executors);
         let recovered = directory.recover().await.map_err(StartupError::Recovery)?;

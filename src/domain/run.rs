@@ -267,6 +267,9 @@ pub struct RunRecord {
     pub started_at: Option<Timestamp>,
     pub finished_at: Option<Timestamp>,
     pub updated_at: Timestamp,
+    /// While the tenant's dispatch is paused by an upstream throttle: when
+    /// the pause ends. Live only (from the run's actor), never stored.
+    pub throttled_until: Option<Timestamp>,
 }
 
 impl RunRecord {
@@ -286,6 +289,9 @@ pub struct ItemRecord {
     pub status: ItemStatus,
     /// Attempts started so far (the next attempt is `attempts + 1`).
     pub attempts: u32,
+    /// Of those, attempts the upstream throttled (429); they do not count
+    /// toward `max_attempts`.
+    pub throttled: u32,
     pub last_error: Option<ItemError>,
     pub started_at: Option<Timestamp>,
     pub finished_at: Option<Timestamp>,

@@ -23,7 +23,7 @@ use crate::domain::TenantId;
 pub struct TenantAccess(pub TenantId);
 
 /// The token of an `Authorization: Bearer …` header (the scheme's case is free).
-fn bearer_token(req: &HttpRequest) -> Option<String> {
+pub(crate) fn bearer_token(req: &HttpRequest) -> Option<String> {
     let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     let token = token.trim();

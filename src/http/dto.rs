@@ -27,6 +27,8 @@ pub struct RunDto {
     pub counts: CountsDto,
     pub safe_error: Option<SafeErrorDto>,
     pub cancel_requested: bool,
+    /// While the tenant is throttled by its upstream: when dispatch resumes.
+    pub throttled_until: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -65,6 +67,7 @@ impl From<RunRecord> for RunDto {
                 context: e.context,
             }),
             cancel_requested: r.cancel_requested,
+            throttled_until: r.throttled_until.map(|t| t.to_rfc3339()),
         }
     }
 }

@@ -66,6 +66,11 @@ pub fn configure(
                     .default_service(web::to(method_not_allowed)),
             )
             .service(
+                web::resource("/metrics")
+                    .route(web::get().to(routes::health::metrics))
+                    .default_service(web::to(method_not_allowed)),
+            )
+            .service(
                 web::resource("/readyz")
                     .route(web::get().to(routes::health::readyz))
                     .default_service(web::to(method_not_allowed)),

@@ -9,6 +9,7 @@
 pub mod executor;
 mod registry;
 mod run;
+mod throttle;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

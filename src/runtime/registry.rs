@@ -8,6 +8,7 @@ use std::collections::{HashMap, VecDeque};
 use actix::prelude::*;
 
 use super::run::{self, RunActor};
+use super::throttle::Throttle;
 use super::{CancelOutcome, ItemQuery, RegistryError, Shared, Started};
 use crate::domain::{
     DedupKey, ItemId, ItemRecord, RunId, RunRecord, RunStatus, RunType, TenantId, now,
@@ -81,6 +82,8 @@ pub struct TenantRegistry {
     waiting: VecDeque<RunId>,
     /// Runs holding a slot.
     executing: usize,
+    /// The tenant's throttle governor, shared with each of its runs.
+    throttle: Throttle,
 }
 
 impl TenantRegistry {
@@ -92,6 +95,7 @@ impl TenantRegistry {
             live: HashMap::new(),
             waiting: VecDeque::new(),
             executing: 0,
+            throttle: Throttle::default(),
         }
     }
 
@@ -101,7 +105,13 @@ impl TenantRegistry {
         let id = run.id;
         let key = run.dedup_key();
         let cancel_first = run.cancel_requested;
-        let addr = RunActor::new(run, self.shared.clone(), ctx.address()).start();
+        let addr = RunActor::new(
+            run,
+            self.shared.clone(),
+            ctx.address(),
+            self.throttle.clone(),
+        )
+        .start();
         self.by_key.insert(key.clone(), id);
         self.live.insert(
             id,
@@ -116,6 +126,7 @@ impl TenantRegistry {
             self.begin(id);
         } else {
             self.waiting.push_back(id);
+            metrics::gauge!("runpilot_queued_runs").increment(1.0);
         }
     }
 
@@ -125,6 +136,7 @@ impl TenantRegistry {
         {
             live.begun = true;
             self.executing += 1;
+            metrics::gauge!("runpilot_active_runs").increment(1.0);
             live.addr.do_send(run::Begin);
         }
     }
@@ -290,12 +302,17 @@ impl Handler<RunFinished> for TenantRegistry {
         }
         if live.begun {
             self.executing -= 1;
+            metrics::gauge!("runpilot_active_runs").decrement(1.0);
         } else {
             self.waiting.retain(|id| *id != msg.id);
+            metrics::gauge!("runpilot_queued_runs").decrement(1.0);
         }
         while self.executing < self.max_executing() {
             match self.waiting.pop_front() {
-                Some(next) => self.begin(next),
+                Some(next) => {
+                    metrics::gauge!("runpilot_queued_runs").decrement(1.0);
+                    self.begin(next)
+                }
                 None => break,
             }
         }

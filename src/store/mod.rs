@@ -164,15 +164,19 @@ impl Store {
     }
 
     /// A failed attempt that will be retried: the item waits as `pending`
-    /// with its last error.
+    /// with its last error. `throttled`: the upstream throttled it (429),
+    /// counted apart from failures.
     pub async fn retry_item(
         &self,
         id: RunId,
         item: ItemId,
         error: ItemError,
+        throttled: bool,
         at: Timestamp,
     ) -> Result<(), StoreError> {
-        self.backend.retry_item(id, item, error, at).await
+        self.backend
+            .retry_item(id, item, error, throttled, at)
+            .await
     }
 
     /// A running item's final outcome, counted in the run in the same

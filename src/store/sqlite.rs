@@ -55,7 +55,8 @@ enum WriteOp {
     MarkRunning(RunId, Timestamp),
     RecordPlan(RunId, Vec<ItemId>, Timestamp),
     StartItems(RunId, Vec<(ItemId, u32)>, Timestamp),
-    RetryItem(RunId, ItemId, ItemError, Timestamp),
+    /// The bool: the attempt was throttled (429), not failed.
+    RetryItem(RunId, ItemId, ItemError, bool, Timestamp),
     FinishItem(RunId, ItemId, ItemOutcome, Timestamp),
     FinishRun {
         id: RunId,
@@ -188,9 +189,10 @@ impl SqliteStore {
         id: RunId,
         item: ItemId,
         error: ItemError,
+        throttled: bool,
         at: Timestamp,
     ) -> Result<(), StoreError> {
-        self.write(WriteOp::RetryItem(id, item, error, at))
+        self.write(WriteOp::RetryItem(id, item, error, throttled, at))
             .await
             .map(drop)
     }
@@ -331,7 +333,7 @@ impl SqliteStore {
     ) -> Result<Vec<(u64, ItemRecord)>, StoreError> {
         let after = after.map_or(-1, |p| i64::try_from(p).unwrap_or(i64::MAX));
         let rows = sqlx::query(
-            "SELECT position, item_id, status, attempts, last_error_code, last_error_context, \
+            "SELECT position, item_id, status, attempts, throttled, last_error_code, last_error_context, \
              started_at, finished_at FROM run_items \
              WHERE run_id = ?1 AND position > ?2 AND (?3 IS NULL OR status = ?3) \
              ORDER BY position LIMIT ?4",
@@ -349,7 +351,7 @@ impl SqliteStore {
 
     pub(super) async fn items(&self, id: RunId) -> Result<Vec<ItemRecord>, StoreError> {
         let rows = sqlx::query(
-            "SELECT item_id, status, attempts, last_error_code, last_error_context, \
+            "SELECT item_id, status, attempts, throttled, last_error_code, last_error_context, \
              started_at, finished_at FROM run_items WHERE run_id = ? ORDER BY position",
         )
         .bind(id.to_string())
@@ -385,7 +387,12 @@ async fn write_loop(
             break;
         }
         let (ops, replies): (Vec<_>, Vec<_>) = batch.drain(..).map(|j| (j.op, j.reply)).unzip();
-        match apply_batch(&mut conn, ops).await {
+        let began = std::time::Instant::now();
+        let applied = apply_batch(&mut conn, ops).await;
+        metrics::histogram!("runpilot_store_write_seconds").record(began.elapsed().as_secs_f64());
+        metrics::counter!("runpilot_store_commits_total").increment(1);
+        metrics::counter!("runpilot_store_writes_total").increment(replies.len() as u64);
+        match applied {
             Ok(results) => {
                 for (reply, result) in replies.into_iter().zip(results) {
                     let _ = reply.send(result);
@@ -472,20 +479,23 @@ async fn apply(conn: &mut SqliteConnection, op: WriteOp) -> Result<Written, Stor
             touch(conn, id, at).await?;
             Ok(Written::Nothing)
         }
-        WriteOp::RetryItem(id, item, error, at) => {
+        WriteOp::RetryItem(id, item, error, throttled, at) => {
             let changed = sqlx::query(
                 "UPDATE run_items SET status = 'pending', last_error_code = ?3, \
-                 last_error_context = ?4 WHERE run_id = ?1 AND item_id = ?2 AND status = 'running'",
+                 last_error_context = ?4, throttled = throttled + ?5 \
+                 WHERE run_id = ?1 AND item_id = ?2 AND status = 'running'",
             )
             .bind(id.to_string())
             .bind(item.as_str())
             .bind(&error.code)
             .bind(Value::Object(error.context).to_string())
+            .bind(i64::from(throttled))
             .execute(&mut *conn)
             .await?
             .rows_affected();
             if changed > 0 {
-                record_attempt(conn, id, &item, "retried", Some(&error.code), at).await?;
+                let outcome = if throttled { "throttled" } else { "retried" };
+                record_attempt(conn, id, &item, outcome, Some(&error.code), at).await?;
             }
             touch(conn, id, at).await?;
             Ok(Written::Nothing)
@@ -778,6 +788,7 @@ fn run_from_row(row: &SqliteRow) -> Result<RunRecord, StoreError> {
         started_at: time(row, "started_at")?,
         finished_at: time(row, "finished_at")?,
         updated_at: Timestamp::from_millis(row.try_get("updated_at")?),
+        throttled_until: None,
     })
 }
 
@@ -795,6 +806,7 @@ fn item_from_row(row: &SqliteRow) -> Result<ItemRecord, StoreError> {
         item_id: item_id(row.try_get("item_id")?)?,
         status: status.parse().map_err(|e| corrupt("item status", e))?,
         attempts: u32::try_from(attempts).map_err(|e| corrupt("attempts", e))?,
+        throttled: u32::try_from(count(row, "throttled")?).map_err(|e| corrupt("throttled", e))?,
         last_error,
         started_at: time(row, "started_at")?,
         finished_at: time(row, "finished_at")?,

@@ -502,3 +502,133 @@ async fn static_headers_reach_the_worker() {
     );
     assert_eq!(seen[0].header("x-worker-scope"), Some("restore"));
 }
+
+#[actix_rt::test]
+async fn a_429_pauses_every_run_of_the_tenant_while_other_tenants_go_on() {
+    let worker = Worker::start(|seen| {
+        if seen.body["itemId"] == "a-throttled" && seen.nth == 1 {
+            Reply::status(429).retry_after("2")
+        } else {
+            Reply::ok().after(Duration::from_millis(100))
+        }
+    });
+    // One attempt per item: a throttled attempt must not use it up.
+    let app = spawn_app_on(&worker, |s| {
+        s.concurrency = 1;
+        s.max_attempts = 1;
+    })
+    .await;
+    let numbered = |prefix: &str, n: usize| -> Vec<String> {
+        (1..=n).map(|i| format!("{prefix}-{i}")).collect()
+    };
+    let mut first_items = vec!["a-throttled".to_owned()];
+    first_items.extend(numbered("a1", 3));
+    let start = |tenant: &'static str, target: &'static str, items: Vec<String>| {
+        let app = &app;
+        async move {
+            let (status, body) = app
+                .start_run(
+                    tenant,
+                    RUN_TYPE,
+                    Some(json!({"targetObjectId": target, "itemIds": items})),
+                )
+                .await;
+            assert_eq!(status, 201, "{body}");
+            body["run"]["id"].as_str().unwrap().to_owned()
+        }
+    };
+    let a1 = start("throttled-a", "one", first_items).await;
+    let a2 = start("throttled-a", "two", numbered("a2", 8)).await;
+    let b = start("steady-b", "one", numbered("b", 14)).await;
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let throttled_at = loop {
+        if let Some((_, at)) = worker
+            .answered()
+            .into_iter()
+            .find(|(status, _)| *status == 429)
+        {
+            break at;
+        }
+        assert!(Instant::now() < deadline, "the worker never answered 429");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let (_, paused) = app.get_run("throttled-a", RUN_TYPE, &a2).await;
+    assert!(
+        paused["throttledUntil"].is_string(),
+        "the other run of the tenant shows the pause: {paused}"
+    );
+    let mut runs = Vec::new();
+    for (tenant, id) in [("throttled-a", &a1), ("throttled-a", &a2), ("steady-b", &b)] {
+        runs.push(wait_for_tenant_run(&app, tenant, id).await);
+    }
+
+    for run in &runs {
+        assert_eq!(run["status"], "succeeded", "{run}");
+        assert!(run["throttledUntil"].is_null());
+    }
+    // Requests already under way when the 429 arrived may land just after it.
+    let window = (
+        throttled_at + Duration::from_millis(150),
+        throttled_at + Duration::from_millis(1900),
+    );
+    let in_window = |tenant: &str| {
+        worker
+            .seen()
+            .iter()
+            .filter(|s| s.body["tenantExternalId"] == tenant)
+            .filter(|s| s.received > window.0 && s.received < window.1)
+            .count()
+    };
+    assert_eq!(in_window("throttled-a"), 0, "tenant A was not paused");
+    assert!(
+        in_window("steady-b") >= 5,
+        "tenant B slowed down: {}",
+        in_window("steady-b")
+    );
+    let resumed = worker
+        .seen()
+        .iter()
+        .filter(|s| s.body["tenantExternalId"] == "throttled-a" && s.received > window.0)
+        .map(|s| s.received)
+        .min()
+        .unwrap();
+    assert!(
+        resumed >= throttled_at + Duration::from_millis(1950),
+        "resumed before Retry-After"
+    );
+    let db = app.read_only_db().await;
+    let (attempts, throttled): (i64, i64) = sqlx::query_as(
+        "SELECT attempts, throttled FROM run_items WHERE run_id = ? AND item_id = 'a-throttled'",
+    )
+    .bind(&a1)
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!((attempts, throttled), (2, 1));
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("runpilot_tenant_throttle_pauses_total{tenant=\"throttled-a\"}"),
+        "{metrics}"
+    );
+}
+
+async fn wait_for_tenant_run(app: &TestApp, tenant: &str, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, run) = app.get_run(tenant, RUN_TYPE, id).await;
+        if crate::helpers::is_terminal(&run) {
+            return run;
+        }
+        assert!(Instant::now() < deadline, "not finished: {run}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,6 +1,7 @@
 //! Supervising item attempts: a global permit and a run slot per attempt,
 //! the attempt as a child task (a panic or a timeout is a failed attempt),
-//! and retries with exponential backoff and full jitter.
+//! retries with exponential backoff and full jitter, and the tenant's
+//! throttle pause (a 429 pauses every run of the tenant; see `throttle.rs`).
 
 use std::time::Duration;
 
@@ -37,6 +38,17 @@ impl RunActor {
         {
             return;
         }
+        if let Some(wait) = self.throttle.remaining() {
+            // The tenant is throttled: look again when the pause ends.
+            if !self.wake_scheduled {
+                self.wake_scheduled = true;
+                ctx.run_later(wait, |act, ctx| {
+                    act.wake_scheduled = false;
+                    act.fill_slots(ctx);
+                });
+            }
+            return;
+        }
         self.acquiring = true;
         let permits = self.shared.permits.clone();
         let shutdown = self.shared.shutdown.clone();
@@ -60,6 +72,11 @@ impl RunActor {
     fn start_attempt(&mut self, permit: OwnedSemaphorePermit, ctx: &mut Context<Self>) {
         if self.stopped.is_some() || self.shared.shutdown.is_cancelled() {
             return;
+        }
+        if self.throttle.remaining().is_some() {
+            // Paused while this permit was awaited: give it back and wait.
+            drop(permit);
+            return self.fill_slots(ctx);
         }
         let Some(item) = self.ready.pop_front() else {
             return;
@@ -104,6 +121,8 @@ impl RunActor {
         };
         let work = self.executor.execute(request);
         let timeout = self.settings.item_timeout.0;
+        let run_type = self.record.run_type.as_str();
+        let began = std::time::Instant::now();
         let child = actix::spawn(async move {
             tokio::select! {
                 result = tokio::time::timeout(timeout, work) => Some(result),
@@ -126,6 +145,18 @@ impl RunActor {
                 Err(_) => Ended::Aborted,
             };
             drop(permit);
+            let outcome = match &ended {
+                Ended::Succeeded => "succeeded",
+                Ended::Failed(AttemptError::Throttled { .. }) => "throttled",
+                Ended::Failed(AttemptError::Retryable { .. } | AttemptError::Permanent(_)) => {
+                    "failed"
+                }
+                Ended::Aborted => "aborted",
+            };
+            metrics::counter!("runpilot_item_attempts_total", "type" => run_type, "outcome" => outcome)
+                .increment(1);
+            metrics::histogram!("runpilot_item_attempt_seconds", "type" => run_type)
+                .record(began.elapsed().as_secs_f64());
             ended
         };
         ctx.spawn(
@@ -145,6 +176,9 @@ impl RunActor {
         ctx: &mut Context<Self>,
     ) {
         let id = self.record.id;
+        let throttled_before = self.throttled.get(&item).copied().unwrap_or(0);
+        // Throttled attempts do not use up `max_attempts`.
+        let counted = attempt.saturating_sub(throttled_before);
         let outcome = match ended {
             Ended::Aborted => {
                 // The item stays `running` in the store: a stop cancels it
@@ -154,37 +188,29 @@ impl RunActor {
                 self.fill_slots(ctx);
                 return self.check_done(ctx);
             }
-            Ended::Succeeded => ItemOutcome::Succeeded,
-            // A throttled attempt is retried like any retryable one for now;
-            // the per-tenant throttle of SPEC 4.2 will tell them apart.
-            Ended::Failed(
-                AttemptError::Retryable { error, retry_after }
-                | AttemptError::Throttled { error, retry_after },
-            ) if attempt < self.settings.max_attempts && self.stopped.is_none() => {
-                let wait = self.backoff(attempt, retry_after);
-                tracing::debug!(run_id = %id, item = %item, attempt, code = %error.code, "attempt failed; retrying");
-                let write_item = item.clone();
-                return self.persist(
-                    ctx,
-                    move |store| {
-                        let (item, error) = (write_item.clone(), error.clone());
-                        async move { store.retry_item(id, item, error, now()).await }.boxed()
-                    },
-                    move |act, (), ctx| {
-                        act.in_flight.remove(&item);
-                        act.backing_off += 1;
-                        drop(tracked);
-                        ctx.run_later(wait, move |act, ctx| {
-                            act.backing_off -= 1;
-                            if act.stopped.is_none() {
-                                act.ready.push_front(item);
-                            }
-                            act.fill_slots(ctx);
-                            act.check_done(ctx);
-                        });
-                        act.fill_slots(ctx);
-                    },
+            Ended::Succeeded => {
+                self.throttle.record_success();
+                ItemOutcome::Succeeded
+            }
+            Ended::Failed(AttemptError::Throttled { error, retry_after })
+                if self.stopped.is_none()
+                    && throttled_before < self.settings.max_throttled_waits =>
+            {
+                // The whole tenant pauses; the item is ready again at once
+                // and waits for the pause like every other item of the tenant.
+                self.throttle.pause(
+                    &self.record.tenant,
+                    retry_after,
+                    self.settings.throttle_cap.0,
                 );
+                return self.retry_later(item, error, true, Duration::ZERO, tracked, ctx);
+            }
+            Ended::Failed(AttemptError::Retryable { error, retry_after })
+                if counted < self.settings.max_attempts && self.stopped.is_none() =>
+            {
+                let wait = self.backoff(counted, retry_after);
+                tracing::debug!(run_id = %id, item = %item, attempt, code = %error.code, "attempt failed; retrying");
+                return self.retry_later(item, error, false, wait, tracked, ctx);
             }
             Ended::Failed(error) => ItemOutcome::Failed(error.error().clone()),
         };
@@ -207,6 +233,45 @@ impl RunActor {
                 drop(tracked);
                 act.fill_slots(ctx);
                 act.check_done(ctx);
+            },
+        );
+    }
+
+    /// Commits the failed attempt (the item waits as `pending`), frees the
+    /// slot, and makes the item ready again after `wait`.
+    fn retry_later(
+        &mut self,
+        item: ItemId,
+        error: ItemError,
+        throttled: bool,
+        wait: Duration,
+        tracked: TaskTrackerToken,
+        ctx: &mut Context<Self>,
+    ) {
+        let id = self.record.id;
+        let write_item = item.clone();
+        self.persist(
+            ctx,
+            move |store| {
+                let (item, error) = (write_item.clone(), error.clone());
+                async move { store.retry_item(id, item, error, throttled, now()).await }.boxed()
+            },
+            move |act, (), ctx| {
+                act.in_flight.remove(&item);
+                if throttled {
+                    *act.throttled.entry(item.clone()).or_default() += 1;
+                }
+                act.backing_off += 1;
+                drop(tracked);
+                ctx.run_later(wait, move |act, ctx| {
+                    act.backing_off -= 1;
+                    if act.stopped.is_none() {
+                        act.ready.push_front(item);
+                    }
+                    act.fill_slots(ctx);
+                    act.check_done(ctx);
+                });
+                act.fill_slots(ctx);
             },
         );
     }

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::executor::{ItemExecutor, PlanRequest};
 use super::registry::{RunFinished, TenantRegistry};
+use super::throttle::Throttle;
 use super::{CancelOutcome, Shared};
 use crate::config::RunTypeConfig;
 use crate::domain::{
@@ -80,10 +81,22 @@ pub struct RunActor {
     stopped: Option<SafeErrorCode>,
     /// The first failed items, for the safeError context.
     failed_ids: Vec<ItemId>,
+    /// The tenant's throttle governor (shared with its other runs).
+    throttle: Throttle,
+    /// Throttled attempts per item, as committed; they do not count
+    /// toward `max_attempts`.
+    throttled: HashMap<ItemId, u32>,
+    /// A wake-up at the end of a throttle pause is scheduled.
+    wake_scheduled: bool,
 }
 
 impl RunActor {
-    pub(super) fn new(record: RunRecord, shared: Shared, registry: Addr<TenantRegistry>) -> Self {
+    pub(super) fn new(
+        record: RunRecord,
+        shared: Shared,
+        registry: Addr<TenantRegistry>,
+        throttle: Throttle,
+    ) -> Self {
         let settings = shared.config.run_type(record.run_type);
         let executor = shared.executors.get(record.run_type);
         // A cancel that was stored before a restart still holds.
@@ -107,6 +120,9 @@ impl RunActor {
             stop,
             stopped,
             failed_ids: Vec::new(),
+            throttle,
+            throttled: HashMap::new(),
+            wake_scheduled: false,
         }
     }
 
@@ -224,6 +240,7 @@ impl RunActor {
                         }
                         ItemStatus::Succeeded | ItemStatus::Canceled => {}
                     }
+                    act.throttled.insert(item.item_id.clone(), item.throttled);
                     act.attempts.insert(item.item_id, item.attempts);
                 }
                 act.phase = Phase::Executing;
@@ -314,6 +331,12 @@ impl RunActor {
                 if let Some(run) = run {
                     act.adopt(run);
                 }
+                metrics::counter!(
+                    "runpilot_runs_finished_total",
+                    "type" => act.record.run_type.as_str(),
+                    "status" => act.record.status.as_str()
+                )
+                .increment(1);
                 act.registry.do_send(RunFinished { id: act.record.id });
                 ctx.stop();
             },
@@ -387,6 +410,10 @@ impl Handler<GetRun> for RunActor {
     type Result = MessageResult<GetRun>;
 
     fn handle(&mut self, _: GetRun, _: &mut Context<Self>) -> Self::Result {
-        MessageResult(self.record.clone())
+        let mut run = self.record.clone();
+        if self.record.status.is_active() {
+            run.throttled_until = self.throttle.until();
+        }
+        MessageResult(run)
     }
 }
