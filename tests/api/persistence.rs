@@ -5,13 +5,12 @@ use std::time::Duration;
 use runpilot::config::Dur;
 use runpilot::domain::RunType;
 use serde_json::json;
-use sqlx::Row;
 
-use crate::helpers::{TENANT, spawn_app_with};
+use crate::helpers::{Backend, TENANT, on_both_backends, spawn_app_with};
 
-#[actix_rt::test]
-async fn the_database_shows_each_item_and_the_counts_while_a_run_goes() {
-    let app = spawn_app_with(|c| {
+on_both_backends!(the_database_shows_each_item_and_the_counts_while_a_run_goes);
+async fn the_database_shows_each_item_and_the_counts_while_a_run_goes(backend: Backend) {
+    let app = spawn_app_with(backend, |c| {
         let mut s = c.run_type(RunType::SnapshotCapture);
         s.delay = Dur(Duration::from_millis(150));
         s.concurrency = 2;
@@ -35,29 +34,26 @@ async fn the_database_shows_each_item_and_the_counts_while_a_run_goes() {
     let db = app.read_only_db().await;
 
     // The 201 was sent after the run and its items were committed.
-    let stored: (String, i64) = sqlx::query_as("SELECT status, total FROM runs WHERE id = ?")
-        .bind(&id)
-        .fetch_one(&db)
-        .await
-        .unwrap();
+    let stored: (String, i64) = db
+        .fetch_one("SELECT status, total FROM runs WHERE id = $1", &[&id])
+        .await;
     assert_eq!(stored.1, 10);
 
     let mut checked_mid_run = 0;
     loop {
         let (_, run) = app.get_run(TENANT, "snapshot_capture", &id).await;
-        let row = sqlx::query("SELECT status, succeeded, failed FROM runs WHERE id = ?")
-            .bind(&id)
-            .fetch_one(&db)
-            .await
-            .unwrap();
-        let (db_succeeded, db_failed): (i64, i64) = (row.get("succeeded"), row.get("failed"));
-        let by_item: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT status, COUNT(*) FROM run_items WHERE run_id = ? GROUP BY status",
-        )
-        .bind(&id)
-        .fetch_all(&db)
-        .await
-        .unwrap();
+        let (db_status, db_succeeded, db_failed): (String, i64, i64) = db
+            .fetch_one(
+                "SELECT status, succeeded, failed FROM runs WHERE id = $1",
+                &[&id],
+            )
+            .await;
+        let by_item: Vec<(String, i64)> = db
+            .fetch_all(
+                "SELECT status, COUNT(*) FROM run_items WHERE run_id = $1 GROUP BY status",
+                &[&id],
+            )
+            .await;
         let items_in = |s: &str| by_item.iter().find(|(k, _)| k == s).map_or(0, |(_, n)| *n);
 
         // What was reported is already stored: the answer is never ahead.
@@ -77,10 +73,7 @@ async fn the_database_shows_each_item_and_the_counts_while_a_run_goes() {
             checked_mid_run += 1;
         }
         if crate::helpers::is_terminal(&run) {
-            assert_eq!(
-                row.get::<String, _>("status"),
-                run["status"].as_str().unwrap()
-            );
+            assert_eq!(db_status, run["status"].as_str().unwrap());
             assert_eq!((db_succeeded, db_failed), (8, 2));
             break;
         }
