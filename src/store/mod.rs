@@ -1,8 +1,12 @@
 //! The store: runs and items as rows, every transition committed before it
-//! is reported. Writes go through one writer (a task fed by a channel, see
-//! `sqlite.rs`) so that group commit lives in one place; reads use a pool.
-//! No actix here: the runtime calls these methods and awaits them.
+//! is reported. Two backends behind one API, chosen by the URL's scheme:
+//! SQLite (`sqlite.rs`: one writer task that group-commits, reads from a
+//! pool) and PostgreSQL (`postgres.rs`: a pool, one transaction per write).
+//! Both decode rows the same way (`rows.rs`). No actix here: the runtime
+//! calls these methods and awaits them.
 
+mod postgres;
+mod rows;
 mod sqlite;
 
 use crate::config::DatabaseConfig;
@@ -39,7 +43,7 @@ impl From<sqlx::Error> for StoreError {
             | sqlx::Error::PoolClosed
             | sqlx::Error::WorkerCrashed
             | sqlx::Error::Tls(_) => StoreError::Unavailable(e.to_string()),
-            sqlx::Error::Database(db) if is_busy(db.as_ref()) => {
+            sqlx::Error::Database(db) if means_unavailable(db.as_ref()) => {
                 StoreError::Unavailable(e.to_string())
             }
             _ => StoreError::Database(e),
@@ -47,10 +51,31 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
-/// SQLite's "busy"/"locked" answers: another process holds the write lock
-/// past the busy timeout.
-fn is_busy(db: &dyn sqlx::error::DatabaseError) -> bool {
-    matches!(db.code().as_deref(), Some("5") | Some("6") | Some("517"))
+/// Database answers that say "not now" rather than "never": worth retrying.
+fn means_unavailable(db: &dyn sqlx::error::DatabaseError) -> bool {
+    if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+        // SQLite's "busy"/"locked": another process holds the write lock
+        // past the busy timeout.
+        matches!(db.code().as_deref(), Some("5" | "6" | "517"))
+    } else if db
+        .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+        .is_some()
+    {
+        match db.code().as_deref() {
+            // Class 08: the connection failed or was refused.
+            // Class 53: insufficient resources (too many connections,
+            // disk full, out of memory).
+            Some(code) if code.starts_with("08") || code.starts_with("53") => true,
+            // The server is shutting down, crashed, or still starting up.
+            Some("57P01" | "57P02" | "57P03") => true,
+            // A read-only transaction: the server is a standby, as during
+            // a failover; the primary comes back under the same URL.
+            Some("25006") => true,
+            Some(_) | None => false,
+        }
+    } else {
+        false
+    }
 }
 
 /// A run to create: the start request as validated at the edge.
@@ -99,38 +124,63 @@ pub struct StoredToken {
 /// The store's handle; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    backend: sqlite::SqliteStore,
+    /// Which database holds the runs; chosen once, by the URL's scheme.
+    backend: Backend,
+}
+
+/// The two backends. Every `Store` method matches on this, so a third
+/// backend breaks the build wherever it needs an answer.
+#[derive(Clone)]
+enum Backend {
+    Sqlite(sqlite::SqliteStore),
+    Postgres(postgres::PostgresStore),
+}
+
+/// Calls the same method with the same arguments on whichever backend the
+/// store holds; the two backends keep identical signatures for this.
+macro_rules! on_backend {
+    ($store:expr, $method:ident($($arg:expr),*)) => {
+        match &$store.backend {
+            Backend::Sqlite(b) => b.$method($($arg),*).await,
+            Backend::Postgres(b) => b.$method($($arg),*).await,
+        }
+    };
 }
 
 impl Store {
-    /// Opens the database named by the URL, creating a SQLite file and its
-    /// folder when missing, and runs the migrations.
+    /// Opens the database named by the URL (`sqlite:…`, `postgres://…` or
+    /// `postgresql://…`), creating a SQLite file and its folder when
+    /// missing, and runs the migrations. A PostgreSQL database must exist.
     pub async fn open(config: &DatabaseConfig) -> Result<Self, StoreError> {
-        if config.url.starts_with("sqlite:") {
-            Ok(Self {
-                backend: sqlite::SqliteStore::open(config).await?,
-            })
+        let url = config.url.as_str();
+        let backend = if url.starts_with("sqlite:") {
+            Backend::Sqlite(sqlite::SqliteStore::open(config).await?)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Backend::Postgres(postgres::PostgresStore::open(config).await?)
         } else {
-            Err(StoreError::Unavailable(
-                "this build stores runs in SQLite only; PostgreSQL is not supported yet".into(),
-            ))
-        }
+            // The configuration refuses other schemes; this guards library
+            // users who build a `DatabaseConfig` themselves.
+            return Err(StoreError::Unavailable(
+                "the database URL must start with sqlite:, postgres:// or postgresql://".into(),
+            ));
+        };
+        Ok(Self { backend })
     }
 
     /// Finishes the writes under way and closes the connections.
     pub async fn close(&self) {
-        self.backend.close().await
+        on_backend!(self, close())
     }
 
     /// Whether the store answers a trivial query.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        self.backend.ping().await
+        on_backend!(self, ping())
     }
 
     /// Creates the run (status `queued`, with its items when they were
     /// given), or finds the active run that holds its dedup key.
     pub async fn create_run(&self, run: NewRun) -> Result<Created, StoreError> {
-        self.backend.create_run(run).await
+        on_backend!(self, create_run(run))
     }
 
     /// `queued` → `running`; `None` when the run was not queued.
@@ -139,7 +189,7 @@ impl Store {
         id: RunId,
         at: Timestamp,
     ) -> Result<Option<RunRecord>, StoreError> {
-        self.backend.mark_running(id, at).await
+        on_backend!(self, mark_running(id, at))
     }
 
     /// Records the planned items and `counts.total`; `None` when the run
@@ -150,7 +200,7 @@ impl Store {
         items: Vec<ItemId>,
         at: Timestamp,
     ) -> Result<Option<RunRecord>, StoreError> {
-        self.backend.record_plan(id, items, at).await
+        on_backend!(self, record_plan(id, items, at))
     }
 
     /// Marks items `running` with the attempt number each starts.
@@ -160,7 +210,7 @@ impl Store {
         items: Vec<(ItemId, u32)>,
         at: Timestamp,
     ) -> Result<(), StoreError> {
-        self.backend.start_items(id, items, at).await
+        on_backend!(self, start_items(id, items, at))
     }
 
     /// A failed attempt that will be retried: the item waits as `pending`
@@ -174,9 +224,7 @@ impl Store {
         throttled: bool,
         at: Timestamp,
     ) -> Result<(), StoreError> {
-        self.backend
-            .retry_item(id, item, error, throttled, at)
-            .await
+        on_backend!(self, retry_item(id, item, error, throttled, at))
     }
 
     /// A running item's final outcome, counted in the run in the same
@@ -188,7 +236,7 @@ impl Store {
         outcome: ItemOutcome,
         at: Timestamp,
     ) -> Result<Option<RunRecord>, StoreError> {
-        self.backend.finish_item(id, item, outcome, at).await
+        on_backend!(self, finish_item(id, item, outcome, at))
     }
 
     /// The run's terminal transition; items not finished become `canceled`
@@ -201,9 +249,7 @@ impl Store {
         cancel_rest: bool,
         at: Timestamp,
     ) -> Result<Option<RunRecord>, StoreError> {
-        self.backend
-            .finish_run(id, status, safe_error, cancel_rest, at)
-            .await
+        on_backend!(self, finish_run(id, status, safe_error, cancel_rest, at))
     }
 
     /// One run of one tenant and type.
@@ -213,17 +259,17 @@ impl Store {
         run_type: RunType,
         id: RunId,
     ) -> Result<Option<RunRecord>, StoreError> {
-        self.backend.get_run(tenant, run_type, id).await
+        on_backend!(self, get_run(tenant, run_type, id))
     }
 
     /// Every run not yet terminal, oldest first (for recovery).
     pub async fn unfinished_runs(&self) -> Result<Vec<RunRecord>, StoreError> {
-        self.backend.unfinished_runs().await
+        on_backend!(self, unfinished_runs())
     }
 
     /// A run's items in their planned order.
     pub async fn items(&self, id: RunId) -> Result<Vec<ItemRecord>, StoreError> {
-        self.backend.items(id).await
+        on_backend!(self, items(id))
     }
 
     /// One page of a run's items in planned order: those after position
@@ -235,7 +281,7 @@ impl Store {
         after: Option<u64>,
         limit: u32,
     ) -> Result<Vec<(u64, ItemRecord)>, StoreError> {
-        self.backend.item_page(id, status, after, limit).await
+        on_backend!(self, item_page(id, status, after, limit))
     }
 
     /// Records a cancel request on an active run; `None` when the run has
@@ -245,22 +291,22 @@ impl Store {
         id: RunId,
         at: Timestamp,
     ) -> Result<Option<RunRecord>, StoreError> {
-        self.backend.request_cancel(id, at).await
+        on_backend!(self, request_cancel(id, at))
     }
 
     /// Stores a new token (its hash).
     pub async fn create_token(&self, token: NewToken) -> Result<TokenRecord, StoreError> {
-        self.backend.create_token(token).await
+        on_backend!(self, create_token(token))
     }
 
     /// The token with that hash, revoked or not.
     pub async fn token_by_hash(&self, hash: &str) -> Result<Option<StoredToken>, StoreError> {
-        self.backend.token_by_hash(hash).await
+        on_backend!(self, token_by_hash(hash))
     }
 
     /// Every stored token, oldest first.
     pub async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
-        self.backend.list_tokens().await
+        on_backend!(self, list_tokens())
     }
 
     /// Revokes a token (again is a no-op); `None` when there is no such token.
@@ -269,16 +315,16 @@ impl Store {
         id: &str,
         at: Timestamp,
     ) -> Result<Option<TokenRecord>, StoreError> {
-        self.backend.revoke_token(id, at).await
+        on_backend!(self, revoke_token(id, at))
     }
 
     /// How many tokens were ever stored (revoked ones included).
     pub async fn count_tokens(&self) -> Result<u64, StoreError> {
-        self.backend.count_tokens().await
+        on_backend!(self, count_tokens())
     }
 
     /// Records that a token was used.
     pub async fn touch_token(&self, id: &str, at: Timestamp) -> Result<(), StoreError> {
-        self.backend.touch_token(id, at).await
+        on_backend!(self, touch_token(id, at))
     }
 }

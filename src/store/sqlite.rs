@@ -6,34 +6,30 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::{Connection, Row, SqliteConnection};
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::rows::{
+    ITEM_COLUMNS, RUN_COLUMNS, TOKEN_COLUMNS, corrupt, count, item_from_row, run_from_row,
+    token_from_row,
+};
 use super::{Created, ItemOutcome, NewRun, NewToken, StoreError, StoredToken};
 use crate::config::{self, DatabaseConfig, SqliteSynchronous as Sync};
 use crate::domain::{
-    Counts, ItemError, ItemId, ItemRecord, ItemStatus, RunId, RunRecord, RunStatus, RunType,
-    SafeError, TenantId, Timestamp, TokenRecord, TokenScope,
+    ItemError, ItemId, ItemRecord, ItemStatus, RunId, RunRecord, RunStatus, RunType, SafeError,
+    TenantId, Timestamp, TokenRecord, TokenScope,
 };
 
 /// Writes waiting in the channel are committed together, up to this many.
 const MAX_BATCH: usize = 256;
 /// How long a connection waits for another process's write lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-
-const TOKEN_COLUMNS: &str =
-    "id, token_hash, label, all_tenants, tenants, created_at, last_used_at, revoked_at";
-
-const RUN_COLUMNS: &str = "id, tenant, run_type, target_object_id, payload_hash, status, planned, \
-     total, succeeded, failed, safe_error_code, safe_error_context, cancel_requested, \
-     created_at, started_at, finished_at, updated_at";
 
 #[derive(Clone)]
 pub(super) struct SqliteStore {
@@ -332,12 +328,11 @@ impl SqliteStore {
         limit: u32,
     ) -> Result<Vec<(u64, ItemRecord)>, StoreError> {
         let after = after.map_or(-1, |p| i64::try_from(p).unwrap_or(i64::MAX));
-        let rows = sqlx::query(
-            "SELECT position, item_id, status, attempts, throttled, last_error_code, last_error_context, \
-             started_at, finished_at FROM run_items \
-             WHERE run_id = ?1 AND position > ?2 AND (?3 IS NULL OR status = ?3) \
-             ORDER BY position LIMIT ?4",
-        )
+        let rows = sqlx::query(&format!(
+            "SELECT position, {ITEM_COLUMNS} FROM run_items \
+                 WHERE run_id = ?1 AND position > ?2 AND (?3 IS NULL OR status = ?3) \
+                 ORDER BY position LIMIT ?4"
+        ))
         .bind(id.to_string())
         .bind(after)
         .bind(status.map(ItemStatus::as_str))
@@ -350,10 +345,9 @@ impl SqliteStore {
     }
 
     pub(super) async fn items(&self, id: RunId) -> Result<Vec<ItemRecord>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT item_id, status, attempts, throttled, last_error_code, last_error_context, \
-             started_at, finished_at FROM run_items WHERE run_id = ? ORDER BY position",
-        )
+        let rows = sqlx::query(&format!(
+            "SELECT {ITEM_COLUMNS} FROM run_items WHERE run_id = ? ORDER BY position"
+        ))
         .bind(id.to_string())
         .fetch_all(&self.reads)
         .await?;
@@ -725,114 +719,4 @@ async fn touch(conn: &mut SqliteConnection, id: RunId, at: Timestamp) -> Result<
         .execute(&mut *conn)
         .await?;
     Ok(())
-}
-
-fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt(format!("{what}: {e}"))
-}
-
-fn item_id(raw: String) -> Result<ItemId, StoreError> {
-    ItemId::parse(&raw).map_err(|e| corrupt("item_id", e))
-}
-
-fn context(raw: Option<String>) -> Result<Map<String, Value>, StoreError> {
-    match raw {
-        None => Ok(Map::new()),
-        Some(text) => match serde_json::from_str(&text) {
-            Ok(Value::Object(map)) => Ok(map),
-            Ok(_) => Err(corrupt("context", "not an object")),
-            Err(e) => Err(corrupt("context", e)),
-        },
-    }
-}
-
-fn count(row: &SqliteRow, column: &str) -> Result<u64, StoreError> {
-    let n: i64 = row.try_get(column)?;
-    u64::try_from(n).map_err(|e| corrupt(column, e))
-}
-
-fn time(row: &SqliteRow, column: &str) -> Result<Option<Timestamp>, StoreError> {
-    Ok(row
-        .try_get::<Option<i64>, _>(column)?
-        .map(Timestamp::from_millis))
-}
-
-fn run_from_row(row: &SqliteRow) -> Result<RunRecord, StoreError> {
-    let id: String = row.try_get("id")?;
-    let tenant: String = row.try_get("tenant")?;
-    let run_type: String = row.try_get("run_type")?;
-    let status: String = row.try_get("status")?;
-    let safe_error = match row.try_get::<Option<String>, _>("safe_error_code")? {
-        Some(code) => Some(SafeError::new(
-            code.parse().map_err(|e| corrupt("safe_error_code", e))?,
-            context(row.try_get("safe_error_context")?)?,
-        )),
-        None => None,
-    };
-    Ok(RunRecord {
-        id: RunId::parse(&id).map_err(|e| corrupt("id", e))?,
-        tenant: TenantId::parse(&tenant).map_err(|e| corrupt("tenant", e))?,
-        run_type: run_type.parse().map_err(|e| corrupt("run_type", e))?,
-        target_object_id: row.try_get("target_object_id")?,
-        payload_hash: row.try_get("payload_hash")?,
-        status: status.parse().map_err(|e| corrupt("status", e))?,
-        counts: Counts {
-            total: count(row, "total")?,
-            succeeded: count(row, "succeeded")?,
-            failed: count(row, "failed")?,
-        },
-        safe_error,
-        cancel_requested: row.try_get("cancel_requested")?,
-        planned: row.try_get("planned")?,
-        created_at: Timestamp::from_millis(row.try_get("created_at")?),
-        started_at: time(row, "started_at")?,
-        finished_at: time(row, "finished_at")?,
-        updated_at: Timestamp::from_millis(row.try_get("updated_at")?),
-        throttled_until: None,
-    })
-}
-
-fn item_from_row(row: &SqliteRow) -> Result<ItemRecord, StoreError> {
-    let status: String = row.try_get("status")?;
-    let attempts: i64 = row.try_get("attempts")?;
-    let last_error = match row.try_get::<Option<String>, _>("last_error_code")? {
-        Some(code) => Some(ItemError {
-            code,
-            context: context(row.try_get("last_error_context")?)?,
-        }),
-        None => None,
-    };
-    Ok(ItemRecord {
-        item_id: item_id(row.try_get("item_id")?)?,
-        status: status.parse().map_err(|e| corrupt("item status", e))?,
-        attempts: u32::try_from(attempts).map_err(|e| corrupt("attempts", e))?,
-        throttled: u32::try_from(count(row, "throttled")?).map_err(|e| corrupt("throttled", e))?,
-        last_error,
-        started_at: time(row, "started_at")?,
-        finished_at: time(row, "finished_at")?,
-    })
-}
-
-fn token_from_row(row: &SqliteRow) -> Result<TokenRecord, StoreError> {
-    let all_tenants: bool = row.try_get("all_tenants")?;
-    let scope = if all_tenants {
-        TokenScope::AllTenants
-    } else {
-        let raw: String = row.try_get("tenants")?;
-        let names: Vec<String> = serde_json::from_str(&raw).map_err(|e| corrupt("tenants", e))?;
-        TokenScope::Tenants(
-            names
-                .iter()
-                .map(|n| TenantId::parse(n).map_err(|e| corrupt("tenants", e)))
-                .collect::<Result<_, _>>()?,
-        )
-    };
-    Ok(TokenRecord {
-        id: row.try_get("id")?,
-        label: row.try_get("label")?,
-        scope,
-        created_at: Timestamp::from_millis(row.try_get("created_at")?),
-        last_used_at: time(row, "last_used_at")?,
-        revoked_at: time(row, "revoked_at")?,
-    })
 }

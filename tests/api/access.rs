@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::helpers::{ADMIN_TOKEN, TENANT, TestApp, parts, spawn_app};
+use crate::helpers::{
+    ADMIN_TOKEN, Backend, TENANT, TestApp, TestDatabase, on_both_backends, parts, spawn_app,
+};
 use crate::process::{Node, runpilot};
 
 /// Runs `runpilot token …` against the database at `url`; returns stdout.
@@ -42,8 +44,8 @@ async fn create_token(dir: &Path, url: &str, tenants: &[&str]) -> (String, Strin
     (id, token)
 }
 
-fn sqlite_url(app: &TestApp) -> String {
-    format!("sqlite://{}", app.db_path.display())
+fn database_url(app: &TestApp) -> String {
+    app.database_url()
 }
 
 /// Every tenant-scoped route, as (method, path) with `{t}` for the tenant
@@ -84,11 +86,11 @@ async fn call(
     parts(request.send().await.unwrap()).await
 }
 
-#[actix_rt::test]
-async fn every_tenant_route_answers_by_the_tokens_scope() {
-    let app = spawn_app().await;
+on_both_backends!(every_tenant_route_answers_by_the_tokens_scope);
+async fn every_tenant_route_answers_by_the_tokens_scope(backend: Backend) {
+    let app = spawn_app(backend).await;
     let dir = tempfile::tempdir().unwrap();
-    let url = sqlite_url(&app);
+    let url = database_url(&app);
     let (_, contoso) = create_token(dir.path(), &url, &[TENANT, "northwind"]).await;
     let (_, fabrikam) = create_token(dir.path(), &url, &["fabrikam"]).await;
     let run_id = app
@@ -122,11 +124,11 @@ async fn every_tenant_route_answers_by_the_tokens_scope() {
     }
 }
 
-#[actix_rt::test]
-async fn a_revoked_token_is_refused_from_the_next_request_on() {
-    let app = spawn_app().await;
+on_both_backends!(a_revoked_token_is_refused_from_the_next_request_on);
+async fn a_revoked_token_is_refused_from_the_next_request_on(backend: Backend) {
+    let app = spawn_app(backend).await;
     let dir = tempfile::tempdir().unwrap();
-    let url = sqlite_url(&app);
+    let url = database_url(&app);
     let (id, token) = create_token(dir.path(), &url, &[TENANT]).await;
     let run_id = app.create_run("snapshot_capture", json!({})).await;
     for (method, path) in tenant_routes() {
@@ -162,11 +164,11 @@ async fn a_revoked_token_is_refused_from_the_next_request_on() {
     assert!(!listed.contains(&token), "list never shows a token");
 }
 
-#[actix_rt::test]
-async fn a_tenant_token_cannot_tell_another_tenants_run_from_a_missing_one() {
-    let app = spawn_app().await;
+on_both_backends!(a_tenant_token_cannot_tell_another_tenants_run_from_a_missing_one);
+async fn a_tenant_token_cannot_tell_another_tenants_run_from_a_missing_one(backend: Backend) {
+    let app = spawn_app(backend).await;
     let dir = tempfile::tempdir().unwrap();
-    let (_, contoso) = create_token(dir.path(), &sqlite_url(&app), &[TENANT]).await;
+    let (_, contoso) = create_token(dir.path(), &database_url(&app), &[TENANT]).await;
     let (status, other) = app
         .start_run("fabrikam", "snapshot_capture", Some(json!({})))
         .await;
@@ -233,11 +235,12 @@ fn wait_for_line(lines: &std::sync::Mutex<Vec<String>>, pattern: &str) -> String
     }
 }
 
-#[actix_rt::test]
-async fn the_first_start_without_an_admin_token_creates_one_shown_once() {
+on_both_backends!(the_first_start_without_an_admin_token_creates_one_shown_once);
+async fn the_first_start_without_an_admin_token_creates_one_shown_once(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
+    let db = TestDatabase::create(backend).await;
     let no_admin = [("RUNPILOT_ADMIN_TOKEN", "")];
-    let node = Node::start(dir.path(), &no_admin);
+    let node = Node::start(dir.path(), &db, &no_admin);
     let shown = wait_for_line(&node.out, "rp_");
     let token = shown.trim().to_owned();
     let response = reqwest::Client::new()
@@ -254,7 +257,7 @@ async fn the_first_start_without_an_admin_token_creates_one_shown_once() {
     assert!(!logs.contains(&token[3..]), "the token was logged");
     drop(node);
 
-    let node = Node::start(dir.path(), &no_admin);
+    let node = Node::start(dir.path(), &db, &no_admin);
     let response = reqwest::Client::new()
         .get(format!("{}/healthz", node.address))
         .send()
@@ -267,11 +270,12 @@ async fn the_first_start_without_an_admin_token_creates_one_shown_once() {
     );
 }
 
-#[actix_rt::test]
-async fn no_token_or_hash_reaches_the_logs() {
+on_both_backends!(no_token_or_hash_reaches_the_logs);
+async fn no_token_or_hash_reaches_the_logs(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(dir.path(), &[("RUST_LOG", "debug")]);
-    let url = "sqlite://data/runpilot.db";
+    let db = TestDatabase::create(backend).await;
+    let node = Node::start(dir.path(), &db, &[("RUST_LOG", "debug")]);
+    let url = &db.url();
     let (id, token) = create_token(dir.path(), url, &[TENANT]).await;
     let client = reqwest::Client::new();
     let base = format!("{}/admin/t", node.address);

@@ -7,16 +7,18 @@ use runpilot::config::Dur;
 use runpilot::domain::RunType;
 use serde_json::{Value, json};
 
-use crate::helpers::{TENANT, is_terminal, spawn_app, spawn_app_with, tune};
+use crate::helpers::{
+    Backend, TENANT, is_terminal, on_both_backends, spawn_app, spawn_app_with, tune,
+};
 
 fn items(n: usize) -> Value {
     let ids: Vec<String> = (1..=n).map(|i| format!("item-{i:02}")).collect();
     json!({"itemIds": ids})
 }
 
-#[actix_rt::test]
-async fn a_cancel_mid_run_stops_it_with_exact_counts() {
-    let app = spawn_app_with(|c| {
+on_both_backends!(a_cancel_mid_run_stops_it_with_exact_counts);
+async fn a_cancel_mid_run_stops_it_with_exact_counts(backend: Backend) {
+    let app = spawn_app_with(backend, |c| {
         tune(c, RunType::SnapshotCapture, |s| {
             s.delay = Dur(Duration::from_millis(200));
             s.concurrency = 2;
@@ -72,9 +74,9 @@ async fn a_cancel_mid_run_stops_it_with_exact_counts() {
     );
 }
 
-#[actix_rt::test]
-async fn a_queued_run_canceled_ends_without_running_an_item() {
-    let app = spawn_app_with(|c| {
+on_both_backends!(a_queued_run_canceled_ends_without_running_an_item);
+async fn a_queued_run_canceled_ends_without_running_an_item(backend: Backend) {
+    let app = spawn_app_with(backend, |c| {
         c.limits.max_active_runs_per_tenant = 1;
         tune(c, RunType::SnapshotCapture, |s| {
             s.delay = Dur(Duration::from_millis(200))
@@ -111,9 +113,9 @@ async fn a_queued_run_canceled_ends_without_running_an_item() {
     assert_eq!(first["status"], "succeeded", "the other run is untouched");
 }
 
-#[actix_rt::test]
-async fn cancel_of_an_unknown_run_is_404() {
-    let app = spawn_app().await;
+on_both_backends!(cancel_of_an_unknown_run_is_404);
+async fn cancel_of_an_unknown_run_is_404(backend: Backend) {
+    let app = spawn_app(backend).await;
     let (status, problem) = app
         .cancel_run("snapshot_capture", "01890a5d-ac96-774b-bcce-b302099a8057")
         .await;

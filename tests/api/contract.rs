@@ -5,7 +5,7 @@ use std::sync::OnceLock;
 
 use serde_json::{Value, json};
 
-use crate::helpers::{TENANT, spawn_app};
+use crate::helpers::{Backend, TENANT, on_both_backends, spawn_app};
 
 fn contract() -> &'static Value {
     static CONTRACT: OnceLock<Value> = OnceLock::new();
@@ -135,9 +135,9 @@ fn the_checker_refuses_what_the_contract_forbids() {
     }
 }
 
-#[actix_rt::test]
-async fn start_and_get_answers_match_the_seed_schemas_at_every_status() {
-    let app = spawn_app().await;
+on_both_backends!(start_and_get_answers_match_the_seed_schemas_at_every_status);
+async fn start_and_get_answers_match_the_seed_schemas_at_every_status(backend: Backend) {
+    let app = spawn_app(backend).await;
     // Arrange: one run that will succeed, one partial, one failed.
     let bodies = [
         json!({"targetObjectId": "policy-1", "itemIds": ["a", "b"]}),

@@ -6,11 +6,11 @@ use std::collections::HashSet;
 use futures_util::future::join_all;
 use serde_json::json;
 
-use crate::helpers::{TENANT, spawn_app};
+use crate::helpers::{Backend, TENANT, on_both_backends, spawn_app};
 
-#[actix_rt::test]
-async fn fifty_concurrent_identical_starts_make_exactly_one_run() {
-    let app = spawn_app().await;
+on_both_backends!(fifty_concurrent_identical_starts_make_exactly_one_run);
+async fn fifty_concurrent_identical_starts_make_exactly_one_run(backend: Backend) {
+    let app = spawn_app(backend).await;
     let body =
         json!({"targetObjectId": "policy-9", "payloadHash": "h1", "itemIds": ["a", "b", "c"]});
 
@@ -31,9 +31,9 @@ async fn fifty_concurrent_identical_starts_make_exactly_one_run() {
     assert_eq!(ids.len(), 1, "every answer names the same run");
 }
 
-#[actix_rt::test]
-async fn a_different_target_or_payload_hash_makes_a_different_run() {
-    let app = spawn_app().await;
+on_both_backends!(a_different_target_or_payload_hash_makes_a_different_run);
+async fn a_different_target_or_payload_hash_makes_a_different_run(backend: Backend) {
+    let app = spawn_app(backend).await;
     let mut ids = HashSet::new();
     for body in [
         json!({"targetObjectId": "a", "payloadHash": "1"}),
@@ -60,9 +60,9 @@ async fn a_different_target_or_payload_hash_makes_a_different_run() {
     assert_eq!(status, 201);
 }
 
-#[actix_rt::test]
-async fn null_and_absent_are_the_same_key_whatever_the_items() {
-    let app = spawn_app().await;
+on_both_backends!(null_and_absent_are_the_same_key_whatever_the_items);
+async fn null_and_absent_are_the_same_key_whatever_the_items(backend: Backend) {
+    let app = spawn_app(backend).await;
     let (status, first) = app.start_run(TENANT, "snapshot_capture", None).await;
     assert_eq!(status, 201);
     for body in [
@@ -86,9 +86,9 @@ async fn null_and_absent_are_the_same_key_whatever_the_items() {
     assert_eq!(status, 201);
 }
 
-#[actix_rt::test]
-async fn after_a_run_ends_the_same_start_makes_a_new_run() {
-    let app = spawn_app().await;
+on_both_backends!(after_a_run_ends_the_same_start_makes_a_new_run);
+async fn after_a_run_ends_the_same_start_makes_a_new_run(backend: Backend) {
+    let app = spawn_app(backend).await;
     let body = json!({"targetObjectId": "policy-1", "itemIds": ["a"]});
     let first = app.create_run("snapshot_capture", body.clone()).await;
     app.wait_until_finished("snapshot_capture", &first).await;

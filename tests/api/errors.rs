@@ -4,7 +4,9 @@
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::helpers::{ADMIN_TOKEN, TENANT, TestApp, parts, spawn_app};
+use crate::helpers::{
+    ADMIN_TOKEN, Backend, TENANT, TestApp, on_both_backends, parts, spawn_app, spawn_app_with,
+};
 
 fn assert_problem(status: StatusCode, body: &Value, expected: u16, code: &str) {
     assert_eq!(status.as_u16(), expected, "{body}");
@@ -39,9 +41,9 @@ async fn post_raw(
     (status, body, media)
 }
 
-#[actix_rt::test]
-async fn a_missing_or_wrong_token_is_401_before_anything_else() {
-    let app = spawn_app().await;
+on_both_backends!(a_missing_or_wrong_token_is_401_before_anything_else);
+async fn a_missing_or_wrong_token_is_401_before_anything_else(backend: Backend) {
+    let app = spawn_app(backend).await;
     for token in [None, Some("wrong"), Some("")] {
         // Even with a bad tenant and an unknown run type, 401 comes first.
         let (status, body, media) =
@@ -80,9 +82,9 @@ async fn raw_request(app: &TestApp, method: &str, path: &str) -> (StatusCode, Va
     )
 }
 
-#[actix_rt::test]
-async fn a_tenant_id_outside_the_form_is_400_invalid_tenant() {
-    let app = spawn_app().await;
+on_both_backends!(a_tenant_id_outside_the_form_is_400_invalid_tenant);
+async fn a_tenant_id_outside_the_form_is_400_invalid_tenant(backend: Backend) {
+    let app = spawn_app(backend).await;
     let long = "x".repeat(129);
     // HTTP clients remove dot segments, so those go over a raw connection.
     for tenant in ["..", "."] {
@@ -105,9 +107,9 @@ async fn a_tenant_id_outside_the_form_is_400_invalid_tenant() {
     }
 }
 
-#[actix_rt::test]
-async fn an_unknown_run_type_is_400_on_post_and_get() {
-    let app = spawn_app().await;
+on_both_backends!(an_unknown_run_type_is_400_on_post_and_get);
+async fn an_unknown_run_type_is_400_on_post_and_get(backend: Backend) {
+    let app = spawn_app(backend).await;
     let (status, body) = app
         .start_run(TENANT, "backup", Some(json!({"bad": 1})))
         .await;
@@ -122,9 +124,9 @@ async fn an_unknown_run_type_is_400_on_post_and_get() {
     assert_problem(status, &body, 400, "unknown_run_type");
 }
 
-#[actix_rt::test]
-async fn bad_bodies_are_400_invalid_request_naming_the_field() {
-    let app = spawn_app().await;
+on_both_backends!(bad_bodies_are_400_invalid_request_naming_the_field);
+async fn bad_bodies_are_400_invalid_request_naming_the_field(backend: Backend) {
+    let app = spawn_app(backend).await;
     let cases: Vec<(Vec<u8>, &str)> = vec![
         (b"{not json".to_vec(), "body"),
         (br#"{"targetObjectId": 7}"#.to_vec(), "targetObjectId"),
@@ -162,9 +164,9 @@ async fn bad_bodies_are_400_invalid_request_naming_the_field() {
     assert_eq!(status, 201);
 }
 
-#[actix_rt::test]
-async fn more_items_than_the_limit_is_400() {
-    let app = crate::helpers::spawn_app_with(|c| c.limits.max_items_per_run = 5).await;
+on_both_backends!(more_items_than_the_limit_is_400);
+async fn more_items_than_the_limit_is_400(backend: Backend) {
+    let app = spawn_app_with(backend, |c| c.limits.max_items_per_run = 5).await;
     let (status, body) = app
         .start_run(
             TENANT,
@@ -176,9 +178,9 @@ async fn more_items_than_the_limit_is_400() {
     assert_eq!(body["field"], "itemIds");
 }
 
-#[actix_rt::test]
-async fn a_body_over_the_limit_is_413() {
-    let app = spawn_app().await;
+on_both_backends!(a_body_over_the_limit_is_413);
+async fn a_body_over_the_limit_is_413(backend: Backend) {
+    let app = spawn_app(backend).await;
     let items: Vec<String> = (0..60_000).map(|n| format!("item-{n:010}")).collect();
     let body = serde_json::to_vec(&json!({"itemIds": items})).unwrap();
     assert!(body.len() > 1024 * 1024);
@@ -194,9 +196,9 @@ async fn a_body_over_the_limit_is_413() {
     assert_problem(status, &problem, 413, "payload_too_large");
 }
 
-#[actix_rt::test]
-async fn a_body_of_another_media_type_is_415_and_no_content_type_is_json() {
-    let app = spawn_app().await;
+on_both_backends!(a_body_of_another_media_type_is_415_and_no_content_type_is_json);
+async fn a_body_of_another_media_type_is_415_and_no_content_type_is_json(backend: Backend) {
+    let app = spawn_app(backend).await;
     let path = format!("/admin/t/{TENANT}/runs/snapshot_capture");
     let (status, problem, _) = post_raw(
         &app,
@@ -223,9 +225,9 @@ async fn a_body_of_another_media_type_is_415_and_no_content_type_is_json() {
     );
 }
 
-#[actix_rt::test]
-async fn unknown_and_malformed_run_ids_are_404() {
-    let app = spawn_app().await;
+on_both_backends!(unknown_and_malformed_run_ids_are_404);
+async fn unknown_and_malformed_run_ids_are_404(backend: Backend) {
+    let app = spawn_app(backend).await;
     let id = app.create_run("snapshot_capture", json!({})).await;
     for (tenant, run_type, run_id) in [
         (TENANT, "snapshot_capture", "not-a-uuid"),
@@ -242,9 +244,9 @@ async fn unknown_and_malformed_run_ids_are_404() {
     }
 }
 
-#[actix_rt::test]
-async fn unknown_paths_are_404_and_wrong_methods_405_as_problem_json() {
-    let app = spawn_app().await;
+on_both_backends!(unknown_paths_are_404_and_wrong_methods_405_as_problem_json);
+async fn unknown_paths_are_404_and_wrong_methods_405_as_problem_json(backend: Backend) {
+    let app = spawn_app(backend).await;
     let response = app.client.get(app.url("/nowhere")).send().await.unwrap();
     let (status, body) = parts(response).await;
     assert_problem(status, &body, 404, "not_found");
@@ -259,9 +261,9 @@ async fn unknown_paths_are_404_and_wrong_methods_405_as_problem_json() {
     assert_problem(status, &body, 405, "method_not_allowed");
 }
 
-#[actix_rt::test]
-async fn health_and_readiness_need_no_token() {
-    let app = spawn_app().await;
+on_both_backends!(health_and_readiness_need_no_token);
+async fn health_and_readiness_need_no_token(backend: Backend) {
+    let app = spawn_app(backend).await;
     for path in ["/healthz", "/readyz"] {
         let response = app.client.get(app.url(path)).send().await.unwrap();
         assert_eq!(response.status(), 200, "{path}");

@@ -14,7 +14,7 @@ use runpilot::config::{Dur, ExecutorKind, RunTypeConfig};
 use runpilot::domain::RunType;
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, spawn_app_with};
+use crate::helpers::{Backend, TestApp, on_both_backends, spawn_app_with};
 
 const RUN_TYPE: &str = "restore_execute";
 
@@ -210,9 +210,13 @@ async fn answer(
 }
 
 /// The application with `restore_execute` on the http executor.
-async fn spawn_app_on(worker: &Worker, adjust: impl FnOnce(&mut RunTypeConfig)) -> TestApp {
+async fn spawn_app_on(
+    backend: Backend,
+    worker: &Worker,
+    adjust: impl FnOnce(&mut RunTypeConfig),
+) -> TestApp {
     let url = worker.url("/items");
-    spawn_app_with(move |c| {
+    spawn_app_with(backend, move |c| {
         let mut s = c.run_type(RunType::RestoreExecute);
         s.executor = ExecutorKind::Http;
         s.url = Some(url);
@@ -225,25 +229,23 @@ async fn spawn_app_on(worker: &Worker, adjust: impl FnOnce(&mut RunTypeConfig)) 
 /// One item's attempts, last error code and context, from the database.
 async fn item_row(app: &TestApp, run_id: &str, item: &str) -> (i64, Option<String>, Value) {
     let db = app.read_only_db().await;
-    let (attempts, code, context): (i64, Option<String>, Option<String>) = sqlx::query_as(
-        "SELECT attempts, last_error_code, last_error_context FROM run_items
-         WHERE run_id = ? AND item_id = ?",
-    )
-    .bind(run_id)
-    .bind(item)
-    .fetch_one(&db)
-    .await
-    .expect("the item row");
+    let (attempts, code, context): (i64, Option<String>, Option<String>) = db
+        .fetch_one(
+            "SELECT attempts, last_error_code, last_error_context FROM run_items
+             WHERE run_id = $1 AND item_id = $2",
+            &[run_id, item],
+        )
+        .await;
     let context = context
         .and_then(|c| serde_json::from_str(&c).ok())
         .unwrap_or(Value::Null);
     (attempts, code, context)
 }
 
-#[actix_rt::test]
-async fn the_worker_receives_the_idempotency_key_and_every_field() {
+on_both_backends!(the_worker_receives_the_idempotency_key_and_every_field);
+async fn the_worker_receives_the_idempotency_key_and_every_field(backend: Backend) {
     let worker = Worker::start(|_| Reply::ok());
-    let app = spawn_app_on(&worker, |_| {}).await;
+    let app = spawn_app_on(backend, &worker, |_| {}).await;
     let id = app
         .create_run(
             RUN_TYPE,
@@ -276,13 +278,13 @@ async fn the_worker_receives_the_idempotency_key_and_every_field() {
     );
 }
 
-#[actix_rt::test]
-async fn a_503_then_a_200_succeeds_on_the_second_attempt() {
+on_both_backends!(a_503_then_a_200_succeeds_on_the_second_attempt);
+async fn a_503_then_a_200_succeeds_on_the_second_attempt(backend: Backend) {
     let worker = Worker::start(|seen| match seen.nth {
         1 => Reply::status(503),
         _ => Reply::ok(),
     });
-    let app = spawn_app_on(&worker, |_| {}).await;
+    let app = spawn_app_on(backend, &worker, |_| {}).await;
     let id = app.create_run(RUN_TYPE, json!({"itemIds": ["a"]})).await;
 
     let run = app.wait_until_finished(RUN_TYPE, &id).await;
@@ -298,14 +300,17 @@ async fn a_503_then_a_200_succeeds_on_the_second_attempt() {
     assert_eq!(sent, [json!(1), json!(2)]);
 }
 
-#[actix_rt::test]
-async fn a_429_is_retried_no_sooner_than_its_retry_after() {
+on_both_backends!(a_429_is_retried_no_sooner_than_its_retry_after);
+async fn a_429_is_retried_no_sooner_than_its_retry_after(backend: Backend) {
     let worker = Worker::start(|seen| match seen.nth {
         1 => Reply::status(429).retry_after("1"),
         _ => Reply::ok(),
     });
     // The test configuration caps waits at 50ms; let the hint through.
-    let app = spawn_app_on(&worker, |s| s.retry_cap = Dur(Duration::from_secs(10))).await;
+    let app = spawn_app_on(backend, &worker, |s| {
+        s.retry_cap = Dur(Duration::from_secs(10))
+    })
+    .await;
     let id = app.create_run(RUN_TYPE, json!({"itemIds": ["a"]})).await;
 
     let run = app.wait_until_finished(RUN_TYPE, &id).await;
@@ -319,10 +324,10 @@ async fn a_429_is_retried_no_sooner_than_its_retry_after() {
     assert!(waited >= Duration::from_secs(1), "retried after {waited:?}");
 }
 
-#[actix_rt::test]
-async fn a_422_with_a_code_fails_the_item_at_once_with_that_code() {
+on_both_backends!(a_422_with_a_code_fails_the_item_at_once_with_that_code);
+async fn a_422_with_a_code_fails_the_item_at_once_with_that_code(backend: Backend) {
     let worker = Worker::start(|_| Reply::status(422).json(json!({"code": "policy_invalid"})));
-    let app = spawn_app_on(&worker, |_| {}).await;
+    let app = spawn_app_on(backend, &worker, |_| {}).await;
     let id = app.create_run(RUN_TYPE, json!({"itemIds": ["a"]})).await;
 
     let run = app.wait_until_finished(RUN_TYPE, &id).await;
@@ -336,10 +341,12 @@ async fn a_422_with_a_code_fails_the_item_at_once_with_that_code() {
     assert_eq!(worker.seen_at("/items").len(), 1);
 }
 
-#[actix_rt::test]
-async fn a_worker_that_hangs_past_item_timeout_is_retried_then_fails_with_timeout() {
+on_both_backends!(a_worker_that_hangs_past_item_timeout_is_retried_then_fails_with_timeout);
+async fn a_worker_that_hangs_past_item_timeout_is_retried_then_fails_with_timeout(
+    backend: Backend,
+) {
     let worker = Worker::start(|_| Reply::ok().after(Duration::from_secs(30)));
-    let app = spawn_app_on(&worker, |s| {
+    let app = spawn_app_on(backend, &worker, |s| {
         s.item_timeout = Dur(Duration::from_millis(300));
         s.max_attempts = 2;
     })
@@ -354,14 +361,14 @@ async fn a_worker_that_hangs_past_item_timeout_is_retried_then_fails_with_timeou
     assert_eq!(worker.seen_at("/items").len(), 2);
 }
 
-#[actix_rt::test]
-async fn an_unreachable_worker_is_retried_then_fails_with_connection_failed() {
+on_both_backends!(an_unreachable_worker_is_retried_then_fails_with_connection_failed);
+async fn an_unreachable_worker_is_retried_then_fails_with_connection_failed(backend: Backend) {
     // A port that was free a moment ago: nothing listens there now.
     let port = {
         let listener = TcpListener::bind("127.0.0.1:0").expect("a free port");
         listener.local_addr().expect("an address").port()
     };
-    let app = spawn_app_with(|c| {
+    let app = spawn_app_with(backend, |c| {
         let mut s = c.run_type(RunType::RestoreExecute);
         s.executor = ExecutorKind::Http;
         s.url = Some(format!("http://127.0.0.1:{port}/items"));
@@ -382,14 +389,14 @@ async fn an_unreachable_worker_is_retried_then_fails_with_connection_failed() {
     );
 }
 
-#[actix_rt::test]
-async fn a_run_without_item_ids_is_planned_by_the_plan_endpoint() {
+on_both_backends!(a_run_without_item_ids_is_planned_by_the_plan_endpoint);
+async fn a_run_without_item_ids_is_planned_by_the_plan_endpoint(backend: Backend) {
     let worker = Worker::start(|seen| match seen.path.as_str() {
         "/plan" => Reply::ok().json(json!({"itemIds": ["p1", "p2", "p3"]})),
         _ => Reply::ok(),
     });
     let plan_url = worker.url("/plan");
-    let app = spawn_app_on(&worker, |s| s.plan_url = Some(plan_url)).await;
+    let app = spawn_app_on(backend, &worker, |s| s.plan_url = Some(plan_url)).await;
     let id = app
         .create_run(
             RUN_TYPE,
@@ -425,15 +432,15 @@ async fn a_run_without_item_ids_is_planned_by_the_plan_endpoint() {
     assert_eq!(items, ["p1", "p2", "p3"]);
 }
 
-#[actix_rt::test]
-async fn a_malformed_plan_fails_the_run_with_plan_failed() {
+on_both_backends!(a_malformed_plan_fails_the_run_with_plan_failed);
+async fn a_malformed_plan_fails_the_run_with_plan_failed(backend: Backend) {
     // The target names the malformed answer the worker gives.
     let worker = Worker::start(|seen| match seen.body["targetObjectId"].as_str() {
         Some("numbers") => Reply::ok().json(json!({"itemIds": [1]})),
         _ => Reply::ok().json(json!({"items": []})),
     });
     let plan_url = worker.url("/plan");
-    let app = spawn_app_on(&worker, |s| s.plan_url = Some(plan_url)).await;
+    let app = spawn_app_on(backend, &worker, |s| s.plan_url = Some(plan_url)).await;
 
     for target in ["numbers", "wrong-key"] {
         let id = app
@@ -451,10 +458,10 @@ async fn a_malformed_plan_fails_the_run_with_plan_failed() {
     assert!(worker.seen_at("/items").is_empty());
 }
 
-#[actix_rt::test]
-async fn a_run_without_item_ids_and_without_a_plan_url_fails_with_plan_failed() {
+on_both_backends!(a_run_without_item_ids_and_without_a_plan_url_fails_with_plan_failed);
+async fn a_run_without_item_ids_and_without_a_plan_url_fails_with_plan_failed(backend: Backend) {
     let worker = Worker::start(|_| Reply::ok());
-    let app = spawn_app_on(&worker, |_| {}).await;
+    let app = spawn_app_on(backend, &worker, |_| {}).await;
     let id = app.create_run(RUN_TYPE, json!({})).await;
 
     let run = app.wait_until_finished(RUN_TYPE, &id).await;
@@ -465,10 +472,10 @@ async fn a_run_without_item_ids_and_without_a_plan_url_fails_with_plan_failed() 
     assert!(worker.seen().is_empty());
 }
 
-#[actix_rt::test]
-async fn items_in_flight_at_the_worker_never_exceed_the_run_concurrency() {
+on_both_backends!(items_in_flight_at_the_worker_never_exceed_the_run_concurrency);
+async fn items_in_flight_at_the_worker_never_exceed_the_run_concurrency(backend: Backend) {
     let worker = Worker::start(|_| Reply::ok().after(Duration::from_millis(100)));
-    let app = spawn_app_on(&worker, |s| s.concurrency = 3).await;
+    let app = spawn_app_on(backend, &worker, |s| s.concurrency = 3).await;
     let items: Vec<String> = (1..=12).map(|n| format!("item-{n}")).collect();
     let id = app.create_run(RUN_TYPE, json!({ "itemIds": items })).await;
 
@@ -481,10 +488,10 @@ async fn items_in_flight_at_the_worker_never_exceed_the_run_concurrency() {
     assert!(max > 1, "items ran one at a time ({max})");
 }
 
-#[actix_rt::test]
-async fn static_headers_reach_the_worker() {
+on_both_backends!(static_headers_reach_the_worker);
+async fn static_headers_reach_the_worker(backend: Backend) {
     let worker = Worker::start(|_| Reply::ok());
-    let app = spawn_app_on(&worker, |s| {
+    let app = spawn_app_on(backend, &worker, |s| {
         s.headers.insert("Authorization", "Bearer worker-secret");
         s.headers.insert("X-Worker-Scope", "restore");
     })
@@ -503,8 +510,8 @@ async fn static_headers_reach_the_worker() {
     assert_eq!(seen[0].header("x-worker-scope"), Some("restore"));
 }
 
-#[actix_rt::test]
-async fn a_429_pauses_every_run_of_the_tenant_while_other_tenants_go_on() {
+on_both_backends!(a_429_pauses_every_run_of_the_tenant_while_other_tenants_go_on);
+async fn a_429_pauses_every_run_of_the_tenant_while_other_tenants_go_on(backend: Backend) {
     let worker = Worker::start(|seen| {
         if seen.body["itemId"] == "a-throttled" && seen.nth == 1 {
             Reply::status(429).retry_after("2")
@@ -513,7 +520,7 @@ async fn a_429_pauses_every_run_of_the_tenant_while_other_tenants_go_on() {
         }
     });
     // One attempt per item: a throttled attempt must not use it up.
-    let app = spawn_app_on(&worker, |s| {
+    let app = spawn_app_on(backend, &worker, |s| {
         s.concurrency = 1;
         s.max_attempts = 1;
     })
@@ -598,13 +605,12 @@ async fn a_429_pauses_every_run_of_the_tenant_while_other_tenants_go_on() {
         "resumed before Retry-After"
     );
     let db = app.read_only_db().await;
-    let (attempts, throttled): (i64, i64) = sqlx::query_as(
-        "SELECT attempts, throttled FROM run_items WHERE run_id = ? AND item_id = 'a-throttled'",
-    )
-    .bind(&a1)
-    .fetch_one(&db)
-    .await
-    .unwrap();
+    let (attempts, throttled): (i64, i64) = db
+        .fetch_one(
+            "SELECT attempts, throttled FROM run_items WHERE run_id = $1 AND item_id = 'a-throttled'",
+            &[&a1],
+        )
+        .await;
     assert_eq!((attempts, throttled), (2, 1));
     let metrics = app
         .client

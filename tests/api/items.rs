@@ -4,11 +4,11 @@ use std::collections::HashSet;
 
 use serde_json::{Value, json};
 
-use crate::helpers::spawn_app;
+use crate::helpers::{Backend, on_both_backends, spawn_app};
 
-#[actix_rt::test]
-async fn each_item_reports_its_status_attempts_and_last_error() {
-    let app = spawn_app().await;
+on_both_backends!(each_item_reports_its_status_attempts_and_last_error);
+async fn each_item_reports_its_status_attempts_and_last_error(backend: Backend) {
+    let app = spawn_app(backend).await;
     let id = app
         .create_run(
             "snapshot_capture",
@@ -49,9 +49,9 @@ async fn each_item_reports_its_status_attempts_and_last_error() {
     assert_eq!(names, [&json!("b-fail")]);
 }
 
-#[actix_rt::test]
-async fn pages_follow_cursors_through_every_item_once_in_order() {
-    let app = spawn_app().await;
+on_both_backends!(pages_follow_cursors_through_every_item_once_in_order);
+async fn pages_follow_cursors_through_every_item_once_in_order(backend: Backend) {
+    let app = spawn_app(backend).await;
     let ids: Vec<String> = (0..25).map(|n| format!("item-{n:02}")).collect();
     let run = app
         .create_run("restore_preview", json!({"itemIds": ids}))
@@ -82,9 +82,9 @@ async fn pages_follow_cursors_through_every_item_once_in_order() {
     assert_eq!(seen.iter().collect::<HashSet<_>>().len(), 25);
 }
 
-#[actix_rt::test]
-async fn bad_item_queries_are_400_and_unknown_runs_404() {
-    let app = spawn_app().await;
+on_both_backends!(bad_item_queries_are_400_and_unknown_runs_404);
+async fn bad_item_queries_are_400_and_unknown_runs_404(backend: Backend) {
+    let app = spawn_app(backend).await;
     let id = app
         .create_run("snapshot_capture", json!({"itemIds": ["a"]}))
         .await;

@@ -8,11 +8,13 @@ use runpilot::domain::{ItemError, ItemId, RunType};
 use runpilot::runtime::executor::{AttemptError, ItemExecutor, ItemRequest, PlanRequest};
 use serde_json::json;
 
-use crate::helpers::{spawn_app, spawn_app_with, spawn_app_with_executors};
+use crate::helpers::{
+    Backend, on_both_backends, spawn_app, spawn_app_with, spawn_app_with_executors,
+};
 
-#[actix_rt::test]
-async fn a_run_whose_items_all_succeed_succeeds() {
-    let app = spawn_app().await;
+on_both_backends!(a_run_whose_items_all_succeed_succeeds);
+async fn a_run_whose_items_all_succeed_succeeds(backend: Backend) {
+    let app = spawn_app(backend).await;
     let id = app
         .create_run("snapshot_capture", json!({"itemIds": ["a", "b", "c"]}))
         .await;
@@ -27,9 +29,9 @@ async fn a_run_whose_items_all_succeed_succeeds() {
     assert!(run["safeError"].is_null());
 }
 
-#[actix_rt::test]
-async fn some_failing_items_make_a_partial_run() {
-    let app = spawn_app().await;
+on_both_backends!(some_failing_items_make_a_partial_run);
+async fn some_failing_items_make_a_partial_run(backend: Backend) {
+    let app = spawn_app(backend).await;
     let id = app
         .create_run(
             "snapshot_capture",
@@ -55,9 +57,9 @@ async fn some_failing_items_make_a_partial_run() {
     assert_eq!(failed, ["b-fail", "d-fail"]);
 }
 
-#[actix_rt::test]
-async fn a_run_whose_items_all_fail_fails() {
-    let app = spawn_app().await;
+on_both_backends!(a_run_whose_items_all_fail_fails);
+async fn a_run_whose_items_all_fail_fails(backend: Backend) {
+    let app = spawn_app(backend).await;
     let id = app
         .create_run("snapshot_capture", json!({"itemIds": ["fail-1", "fail-2"]}))
         .await;
@@ -72,9 +74,9 @@ async fn a_run_whose_items_all_fail_fails() {
     assert_eq!(run["safeError"]["code"], "all_items_failed");
 }
 
-#[actix_rt::test]
-async fn flaky_items_succeed_on_their_second_attempt() {
-    let app = spawn_app().await;
+on_both_backends!(flaky_items_succeed_on_their_second_attempt);
+async fn flaky_items_succeed_on_their_second_attempt(backend: Backend) {
+    let app = spawn_app(backend).await;
     let id = app
         .create_run("snapshot_capture", json!({"itemIds": ["flaky-1", "b"]}))
         .await;
@@ -83,19 +85,18 @@ async fn flaky_items_succeed_on_their_second_attempt() {
 
     assert_eq!(run["status"], "succeeded");
     let db = app.read_only_db().await;
-    let attempts: i64 = sqlx::query_scalar(
-        "SELECT attempts FROM run_items WHERE run_id = ? AND item_id = 'flaky-1'",
-    )
-    .bind(&id)
-    .fetch_one(&db)
-    .await
-    .unwrap();
+    let attempts = db
+        .fetch_i64(
+            "SELECT attempts FROM run_items WHERE run_id = $1 AND item_id = 'flaky-1'",
+            &[&id],
+        )
+        .await;
     assert_eq!(attempts, 2);
 }
 
-#[actix_rt::test]
-async fn a_run_without_item_ids_plans_the_configured_number() {
-    let app = spawn_app_with(|c| {
+on_both_backends!(a_run_without_item_ids_plans_the_configured_number);
+async fn a_run_without_item_ids_plans_the_configured_number(backend: Backend) {
+    let app = spawn_app_with(backend, |c| {
         let mut settings = c.run_type(RunType::RestoreExecute);
         settings.items = 7;
         c.set_run_type(RunType::RestoreExecute, settings);
@@ -112,9 +113,9 @@ async fn a_run_without_item_ids_plans_the_configured_number() {
     );
 }
 
-#[actix_rt::test]
-async fn a_run_of_zero_items_succeeds_at_once() {
-    let app = spawn_app().await;
+on_both_backends!(a_run_of_zero_items_succeeds_at_once);
+async fn a_run_of_zero_items_succeeds_at_once(backend: Backend) {
+    let app = spawn_app(backend).await;
     let id = app
         .create_run("restore_preview", json!({"itemIds": []}))
         .await;
@@ -149,13 +150,18 @@ impl ItemExecutor for PanicsOnce {
     }
 }
 
-#[actix_rt::test]
-async fn a_panicking_attempt_is_a_failed_attempt_not_a_dead_run() {
+on_both_backends!(a_panicking_attempt_is_a_failed_attempt_not_a_dead_run);
+async fn a_panicking_attempt_is_a_failed_attempt_not_a_dead_run(backend: Backend) {
     let calls = Arc::new(AtomicU32::new(0));
     let executor = Arc::new(PanicsOnce {
         calls: calls.clone(),
     });
-    let app = spawn_app_with_executors(|_| {}, |e| e.set(RunType::SnapshotCapture, executor)).await;
+    let app = spawn_app_with_executors(
+        backend,
+        |_| {},
+        |e| e.set(RunType::SnapshotCapture, executor),
+    )
+    .await;
     let id = app
         .create_run("snapshot_capture", json!({"itemIds": ["a", "b"]}))
         .await;
@@ -169,8 +175,8 @@ async fn a_panicking_attempt_is_a_failed_attempt_not_a_dead_run() {
     assert_eq!(status, 200);
 }
 
-#[actix_rt::test]
-async fn an_item_that_keeps_failing_stops_at_max_attempts() {
+on_both_backends!(an_item_that_keeps_failing_stops_at_max_attempts);
+async fn an_item_that_keeps_failing_stops_at_max_attempts(backend: Backend) {
     struct AlwaysRetryable;
     impl ItemExecutor for AlwaysRetryable {
         fn plan(&self, _: PlanRequest) -> BoxFuture<'static, Result<Vec<ItemId>, ItemError>> {
@@ -186,6 +192,7 @@ async fn an_item_that_keeps_failing_stops_at_max_attempts() {
         }
     }
     let app = spawn_app_with_executors(
+        backend,
         |c| {
             let mut s = c.run_type(RunType::SnapshotCapture);
             s.max_attempts = 3;
@@ -202,11 +209,11 @@ async fn an_item_that_keeps_failing_stops_at_max_attempts() {
 
     assert_eq!(run["status"], "failed");
     let db = app.read_only_db().await;
-    let (attempts, code): (i64, String) =
-        sqlx::query_as("SELECT attempts, last_error_code FROM run_items WHERE run_id = ?")
-            .bind(&id)
-            .fetch_one(&db)
-            .await
-            .unwrap();
+    let (attempts, code): (i64, String) = db
+        .fetch_one(
+            "SELECT attempts, last_error_code FROM run_items WHERE run_id = $1",
+            &[&id],
+        )
+        .await;
     assert_eq!((attempts, code.as_str()), (3, "upstream_unavailable"));
 }

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::helpers::{ADMIN_TOKEN, TENANT, is_terminal, parts, read_only_db};
+use crate::helpers::{
+    ADMIN_TOKEN, Backend, TENANT, TestDatabase, is_terminal, on_both_backends, parts,
+};
 
 /// A `runpilot serve` process on a random port.
 pub struct Node {
@@ -52,15 +54,15 @@ pub fn runpilot(dir: &Path) -> Command {
 }
 
 impl Node {
-    /// Starts `serve` in `dir` (its database under `dir/data`), with the
-    /// admin token unless `env` sets `RUNPILOT_ADMIN_TOKEN` itself.
-    pub fn start(dir: &Path, env: &[(&str, &str)]) -> Node {
+    /// Starts `serve` in `dir` on the test's database, with the admin
+    /// token unless `env` sets `RUNPILOT_ADMIN_TOKEN` itself.
+    pub fn start(dir: &Path, db: &TestDatabase, env: &[(&str, &str)]) -> Node {
         let mut command = runpilot(dir);
         command
             .arg("serve")
             .env("RUNPILOT_BIND", "127.0.0.1:0")
             .env("RUNPILOT_ADMIN_TOKEN", ADMIN_TOKEN)
-            .env("RUNPILOT_DATABASE_URL", "sqlite://data/runpilot.db")
+            .env("RUNPILOT_DATABASE_URL", db.url())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         for (k, v) in env {
@@ -163,23 +165,25 @@ fn thirty_items() -> Value {
     json!({"targetObjectId": "tenant-backup", "itemIds": items})
 }
 
-async fn finished_items(db: &Path) -> Vec<(String, i64)> {
-    let pool = read_only_db(db).await;
-    let rows = sqlx::query_as(
-        "SELECT item_id, finished_at FROM run_items WHERE status = 'succeeded' ORDER BY item_id",
-    )
-    .fetch_all(&pool)
-    .await
-    .unwrap();
-    pool.close().await;
+async fn finished_items(db: &TestDatabase) -> Vec<(String, i64)> {
+    let reader = db.read_only().await;
+    let rows = reader
+        .fetch_all(
+            "SELECT item_id, finished_at FROM run_items WHERE status = 'succeeded' \
+             ORDER BY item_id",
+            &[],
+        )
+        .await;
+    reader.close().await;
     rows
 }
 
-#[actix_rt::test]
-async fn a_run_survives_kill_9_and_ends_with_exact_counts() {
+on_both_backends!(a_run_survives_kill_9_and_ends_with_exact_counts);
+async fn a_run_survives_kill_9_and_ends_with_exact_counts(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
+    let db = TestDatabase::create(backend).await;
     let slow = [("RUNPILOT_RUN_TYPES__SNAPSHOT_CAPTURE__DELAY", "300ms")];
-    let mut node = Node::start(dir.path(), &slow);
+    let mut node = Node::start(dir.path(), &db, &slow);
     let (status, created) = node.start_run(thirty_items()).await;
     assert_eq!(status, 201);
     let id = created["run"]["id"].as_str().unwrap().to_owned();
@@ -188,7 +192,6 @@ async fn a_run_survives_kill_9_and_ends_with_exact_counts() {
 
     node.child.kill().unwrap(); // SIGKILL: no chance to clean up
     node.child.wait().unwrap();
-    let db = dir.path().join("data/runpilot.db");
     let done_before = finished_items(&db).await;
     assert!(
         done_before.len() >= 5 && done_before.len() < 30,
@@ -196,7 +199,7 @@ async fn a_run_survives_kill_9_and_ends_with_exact_counts() {
         done_before.len()
     );
 
-    let node = Node::start(dir.path(), &slow);
+    let node = Node::start(dir.path(), &db, &slow);
     // The same start after the restart finds the same, still active, run.
     let (status, again) = node.start_run(thirty_items()).await;
     assert_eq!(status, 200, "{again}");
@@ -224,16 +227,38 @@ async fn a_run_survives_kill_9_and_ends_with_exact_counts() {
             .any(|l| l.contains("run recovered")),
         "the restart logs the recovery"
     );
+    // Items in flight at the kill ran again, as their next attempt.
+    let reader = db.read_only().await;
+    let (max_attempts, all_attempts): (i64, i64) = reader
+        .fetch_one(
+            "SELECT MAX(attempts), CAST(SUM(attempts) AS BIGINT) FROM run_items",
+            &[],
+        )
+        .await;
+    assert_eq!(
+        max_attempts, 2,
+        "the attempt count continues after a restart"
+    );
+    assert!(all_attempts > 30);
+    let history = reader
+        .fetch_i64(
+            "SELECT COUNT(*) FROM run_item_attempts WHERE attempt = 2",
+            &[],
+        )
+        .await;
+    assert!(history >= 1);
+    reader.close().await;
 }
 
-#[actix_rt::test]
-async fn sigterm_lets_running_items_finish_exits_0_and_the_run_resumes() {
+on_both_backends!(sigterm_lets_running_items_finish_exits_0_and_the_run_resumes);
+async fn sigterm_lets_running_items_finish_exits_0_and_the_run_resumes(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
+    let db = TestDatabase::create(backend).await;
     let slow = [
         ("RUNPILOT_RUN_TYPES__SNAPSHOT_CAPTURE__DELAY", "600ms"),
         ("RUNPILOT_SERVER__SHUTDOWN_GRACE", "10s"),
     ];
-    let mut node = Node::start(dir.path(), &slow);
+    let mut node = Node::start(dir.path(), &db, &slow);
     let (_, created) = node.start_run(thirty_items()).await;
     let id = created["run"]["id"].as_str().unwrap().to_owned();
     node.wait_for(&id, |r| r["counts"]["succeeded"].as_u64().unwrap() >= 4)
@@ -243,21 +268,21 @@ async fn sigterm_lets_running_items_finish_exits_0_and_the_run_resumes() {
     let status = node.wait_exit(Duration::from_secs(12));
 
     assert!(status.success(), "exit status {status:?}");
-    let db = dir.path().join("data/runpilot.db");
-    let pool = read_only_db(&db).await;
-    let running: i64 =
-        sqlx::query_scalar("SELECT COUNT(*) FROM run_items WHERE status = 'running'")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let reader = db.read_only().await;
+    let running = reader
+        .fetch_i64(
+            "SELECT COUNT(*) FROM run_items WHERE status = 'running'",
+            &[],
+        )
+        .await;
     assert_eq!(
         running, 0,
         "items in flight finished and were stored before exit"
     );
-    pool.close().await;
+    reader.close().await;
     drop(node);
 
-    let node = Node::start(dir.path(), &slow);
+    let node = Node::start(dir.path(), &db, &slow);
     let run = node.wait_for(&id, is_terminal).await;
     assert_eq!(
         run["counts"],
@@ -265,8 +290,31 @@ async fn sigterm_lets_running_items_finish_exits_0_and_the_run_resumes() {
     );
 }
 
+on_both_backends!(migrate_creates_the_schema_and_can_run_again);
+async fn migrate_creates_the_schema_and_can_run_again(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDatabase::create(backend).await;
+
+    for _ in 0..2 {
+        let output = runpilot(dir.path())
+            .arg("migrate")
+            .env("RUNPILOT_DATABASE_URL", db.url())
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+    }
+
+    let reader = db.read_only().await;
+    let runs = reader.fetch_i64("SELECT COUNT(*) FROM runs", &[]).await;
+    let items = reader
+        .fetch_i64("SELECT COUNT(*) FROM run_items", &[])
+        .await;
+    assert_eq!((runs, items), (0, 0));
+    reader.close().await;
+}
+
 #[test]
-fn migrate_creates_the_database_and_its_folder() {
+fn migrate_creates_the_sqlite_file_and_its_folder() {
     let dir = tempfile::tempdir().unwrap();
     let output = runpilot(dir.path())
         .arg("migrate")
@@ -314,11 +362,12 @@ fn a_bad_setting_stops_start_up_naming_the_key_and_the_source() {
     );
 }
 
-#[actix_rt::test]
-async fn a_cancel_stored_before_a_crash_still_holds_after_the_restart() {
+on_both_backends!(a_cancel_stored_before_a_crash_still_holds_after_the_restart);
+async fn a_cancel_stored_before_a_crash_still_holds_after_the_restart(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
+    let db = TestDatabase::create(backend).await;
     let slow = [("RUNPILOT_RUN_TYPES__SNAPSHOT_CAPTURE__DELAY", "300ms")];
-    let mut node = Node::start(dir.path(), &slow);
+    let mut node = Node::start(dir.path(), &db, &slow);
     let (_, created) = node.start_run(thirty_items()).await;
     let id = created["run"]["id"].as_str().unwrap().to_owned();
     node.wait_for(&id, |r| r["counts"]["succeeded"].as_u64().unwrap() >= 2)
@@ -326,17 +375,13 @@ async fn a_cancel_stored_before_a_crash_still_holds_after_the_restart() {
     node.child.kill().unwrap();
     node.child.wait().unwrap();
     // The state a cancel leaves when the process dies right after storing it.
-    let db = dir.path().join("data/runpilot.db");
-    let options = sqlx::sqlite::SqliteConnectOptions::new().filename(&db);
-    let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
-    sqlx::query("UPDATE runs SET cancel_requested = 1 WHERE id = $1")
-        .bind(&id)
-        .execute(&pool)
-        .await
-        .unwrap();
-    pool.close().await;
+    db.execute(
+        "UPDATE runs SET cancel_requested = TRUE WHERE id = $1",
+        &[&id],
+    )
+    .await;
 
-    let node = Node::start(dir.path(), &slow);
+    let node = Node::start(dir.path(), &db, &slow);
     let run = node.wait_for(&id, is_terminal).await;
 
     assert_eq!(run["safeError"]["code"], "canceled", "{run}");
@@ -348,11 +393,13 @@ async fn a_cancel_stored_before_a_crash_still_holds_after_the_restart() {
             .unwrap(),
         30 - done
     );
-    let pool = read_only_db(&db).await;
-    let unfinished: i64 =
-        sqlx::query_scalar("SELECT COUNT(*) FROM run_items WHERE status IN ('pending', 'running')")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let reader = db.read_only().await;
+    let unfinished = reader
+        .fetch_i64(
+            "SELECT COUNT(*) FROM run_items WHERE status IN ('pending', 'running')",
+            &[],
+        )
+        .await;
     assert_eq!(unfinished, 0);
+    reader.close().await;
 }

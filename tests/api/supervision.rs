@@ -11,15 +11,17 @@ use runpilot::domain::{ItemError, ItemId, RunType};
 use runpilot::runtime::executor::{AttemptError, ItemExecutor, ItemRequest, PlanRequest};
 use serde_json::{Value, json};
 
-use crate::helpers::{TENANT, spawn_app_with, spawn_app_with_executors, tune};
+use crate::helpers::{
+    Backend, TENANT, on_both_backends, spawn_app_with, spawn_app_with_executors, tune,
+};
 
 fn time(run: &Value, field: &str) -> chrono::DateTime<chrono::FixedOffset> {
     chrono::DateTime::parse_from_rfc3339(run[field].as_str().unwrap()).unwrap()
 }
 
-#[actix_rt::test]
-async fn a_run_past_its_deadline_fails_with_deadline_exceeded() {
-    let app = spawn_app_with(|c| {
+on_both_backends!(a_run_past_its_deadline_fails_with_deadline_exceeded);
+async fn a_run_past_its_deadline_fails_with_deadline_exceeded(backend: Backend) {
+    let app = spawn_app_with(backend, |c| {
         tune(c, RunType::SnapshotCapture, |s| {
             s.delay = Dur(Duration::from_millis(150));
             s.concurrency = 1;
@@ -49,9 +51,9 @@ async fn a_run_past_its_deadline_fails_with_deadline_exceeded() {
     );
 }
 
-#[actix_rt::test]
-async fn a_tenants_runs_beyond_its_limit_wait_queued_and_start_in_creation_order() {
-    let app = spawn_app_with(|c| {
+on_both_backends!(a_tenants_runs_beyond_its_limit_wait_queued_and_start_in_creation_order);
+async fn a_tenants_runs_beyond_its_limit_wait_queued_and_start_in_creation_order(backend: Backend) {
+    let app = spawn_app_with(backend, |c| {
         c.limits.max_active_runs_per_tenant = 1;
         tune(c, RunType::RestoreExecute, |s| {
             s.delay = Dur(Duration::from_millis(60))
@@ -111,14 +113,15 @@ impl ItemExecutor for Gauge {
     }
 }
 
-#[actix_rt::test]
-async fn items_in_flight_never_exceed_the_global_cap() {
+on_both_backends!(items_in_flight_never_exceed_the_global_cap);
+async fn items_in_flight_never_exceed_the_global_cap(backend: Backend) {
     let max = Arc::new(AtomicUsize::new(0));
     let gauge = Arc::new(Gauge {
         now: Arc::new(AtomicUsize::new(0)),
         max: max.clone(),
     });
     let app = spawn_app_with_executors(
+        backend,
         |c| c.limits.max_items_in_flight = 3,
         |e| e.set(RunType::SnapshotCapture, gauge),
     )
@@ -145,9 +148,9 @@ async fn items_in_flight_never_exceed_the_global_cap() {
     assert!(seen >= 2, "the gauge saw only {seen}");
 }
 
-#[actix_rt::test]
-async fn one_tenants_queue_does_not_delay_another_tenants_run() {
-    let app = spawn_app_with(|c| {
+on_both_backends!(one_tenants_queue_does_not_delay_another_tenants_run);
+async fn one_tenants_queue_does_not_delay_another_tenants_run(backend: Backend) {
+    let app = spawn_app_with(backend, |c| {
         c.limits.max_items_in_flight = 8;
         tune(c, RunType::BackupSetAddPolicies, |s| {
             s.delay = Dur(Duration::from_millis(80))
