@@ -60,6 +60,8 @@ impl Application {
         if recovered > 0 {
             tracing::info!(runs = recovered, "resuming unfinished runs");
         }
+        directory.start_heartbeat();
+        tracing::info!(node_id = %directory.node_id(), "node started");
         let listener =
             TcpListener::bind(&config.server.bind).map_err(|source| StartupError::Bind {
                 bind: config.server.bind.clone(),

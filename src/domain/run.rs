@@ -270,6 +270,9 @@ pub struct RunRecord {
     /// While the tenant's dispatch is paused by an upstream throttle: when
     /// the pause ends. Live only (from the run's actor), never stored.
     pub throttled_until: Option<Timestamp>,
+    /// The ownership epoch: raised at every takeover; a node writes the
+    /// run's state only while the stored epoch is the one it holds.
+    pub epoch: u64,
 }
 
 impl RunRecord {

@@ -7,6 +7,7 @@
 //! its registry `RunFinished` after its terminal transition committed.
 
 pub mod executor;
+mod lease;
 mod registry;
 mod run;
 mod throttle;
@@ -23,9 +24,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::domain::{
-    DedupKey, ItemId, ItemRecord, ItemStatus, RunId, RunRecord, RunType, TenantId,
+    DedupKey, ItemId, ItemRecord, ItemStatus, RunId, RunRecord, RunType, TenantId, Timestamp, now,
 };
-use crate::store::{Store, StoreError};
+use crate::store::{ClaimScope, Store, StoreError};
 use executor::Executors;
 
 pub use registry::TenantRegistry;
@@ -68,6 +69,8 @@ pub struct ItemQuery {
 /// What every actor shares.
 #[derive(Clone)]
 pub(crate) struct Shared {
+    /// This process's name in the cluster: the owner of the runs it executes.
+    pub node_id: Arc<str>,
     pub store: Store,
     pub config: Arc<Config>,
     pub executors: Executors,
@@ -87,14 +90,23 @@ pub struct Directory {
     /// Where the actors live (the arbiter that built the directory).
     arbiter: ArbiterHandle,
     registries: Arc<Mutex<HashMap<TenantId, Addr<TenantRegistry>>>>,
+    /// Stops the lease heartbeat (at shutdown).
+    heartbeat_stop: CancellationToken,
 }
 
 impl Directory {
     /// Builds the directory on the current arbiter.
     pub fn new(store: Store, config: Arc<Config>, executors: Executors) -> Self {
         let permits = Arc::new(Semaphore::new(config.limits.max_items_in_flight as usize));
+        let node_id: Arc<str> = config
+            .cluster
+            .node_id
+            .clone()
+            .unwrap_or_else(lease::default_node_id)
+            .into();
         Self {
             shared: Shared {
+                node_id,
                 store,
                 config,
                 executors,
@@ -104,6 +116,7 @@ impl Directory {
             },
             arbiter: actix_rt::Arbiter::current(),
             registries: Arc::new(Mutex::new(HashMap::new())),
+            heartbeat_stop: CancellationToken::new(),
         }
     }
 
@@ -178,10 +191,27 @@ impl Directory {
             .await?
     }
 
-    /// Hands every unfinished run in the store back to its registry
-    /// (oldest first); returns how many.
+    /// Takes the unfinished runs this node may execute at start-up (on the
+    /// embedded store every one; on PostgreSQL those whose lease expired or
+    /// that this `node_id` held) and hands each to its registry, oldest
+    /// first; returns how many.
     pub async fn recover(&self) -> Result<usize, RegistryError> {
-        let runs = self.shared.store.unfinished_runs().await?;
+        let scope = if self.shared.store.is_embedded() {
+            ClaimScope::All
+        } else {
+            ClaimScope::ExpiredOrOwn
+        };
+        self.claim(scope).await
+    }
+
+    /// Claims the runs in `scope` and hands them to their registries.
+    async fn claim(&self, scope: ClaimScope) -> Result<usize, RegistryError> {
+        let at = now();
+        let runs = self
+            .shared
+            .store
+            .claim_runs(&self.shared.node_id, scope, at, self.lease_end(at))
+            .await?;
         let count = runs.len();
         for run in runs {
             let tenant = run.tenant.clone();
@@ -192,15 +222,53 @@ impl Directory {
         Ok(count)
     }
 
+    /// When a lease taken or renewed at `at` ends.
+    fn lease_end(&self, at: Timestamp) -> Timestamp {
+        let lease = self.shared.config.cluster.lease.0;
+        Timestamp::from_millis(at.as_millis() + lease.as_millis() as i64)
+    }
+
+    /// Starts the lease heartbeat (renew, relay cancels, take over), tracked
+    /// so shutdown waits for it.
+    pub fn start_heartbeat(&self) {
+        let directory = self.clone();
+        let stop = self.heartbeat_stop.clone();
+        self.shared
+            .tracker
+            .spawn_local(lease::heartbeat(directory, stop));
+    }
+
+    /// Every live run stops executing here (its lease could not be renewed).
+    fn drop_all_runs(&self) {
+        let registries = self
+            .registries
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for registry in registries.values() {
+            registry.do_send(registry::DropAll);
+        }
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> &str {
+        &self.shared.node_id
+    }
+
     /// Stops starting attempts and waits up to `grace` for the attempts in
     /// flight to finish and their outcomes to be committed. Returns whether
     /// everything finished in time.
     pub async fn shutdown(&self, grace: Duration) -> bool {
         self.shared.shutdown.cancel();
+        self.heartbeat_stop.cancel();
         self.shared.tracker.close();
-        tokio::time::timeout(grace, self.shared.tracker.wait())
+        let finished = tokio::time::timeout(grace, self.shared.tracker.wait())
             .await
-            .is_ok()
+            .is_ok();
+        // What did not finish is another node's to take at once.
+        if let Err(e) = self.shared.store.release_leases(&self.shared.node_id).await {
+            tracing::warn!(error = %e, "could not release this node's leases");
+        }
+        finished
     }
 
     /// Whether shutdown has begun.

@@ -11,7 +11,7 @@ use super::run::{self, RunActor};
 use super::throttle::Throttle;
 use super::{CancelOutcome, ItemQuery, RegistryError, Shared, Started};
 use crate::domain::{
-    DedupKey, ItemId, ItemRecord, RunId, RunRecord, RunStatus, RunType, TenantId, now,
+    DedupKey, ItemId, ItemRecord, RunId, RunRecord, RunStatus, RunType, TenantId, Timestamp, now,
 };
 use crate::store::{Created, NewRun};
 
@@ -55,17 +55,35 @@ pub(super) struct AdoptRun {
     pub run: RunRecord,
 }
 
-/// A run's terminal transition committed; its actor is stopping.
+/// A run's actor is stopping: its terminal transition committed, or it
+/// lost the run to another node. `epoch` tells it from a successor actor
+/// of the same run.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub(crate) struct RunFinished {
     pub id: RunId,
+    pub epoch: u64,
 }
+
+/// A cancel was stored for a run this node executes (perhaps through
+/// another node): stop it.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(super) struct CancelStored {
+    pub id: RunId,
+}
+
+/// This node could not renew its leases: stop executing every run.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(super) struct DropAll;
 
 /// A live run as the registry knows it.
 struct LiveRun {
     addr: Addr<RunActor>,
     key: DedupKey,
+    /// The epoch the actor writes under.
+    epoch: u64,
     /// It holds one of the tenant's execution slots.
     begun: bool,
 }
@@ -104,6 +122,7 @@ impl TenantRegistry {
     fn launch(&mut self, run: RunRecord, holds_slot: bool, ctx: &mut Context<Self>) {
         let id = run.id;
         let key = run.dedup_key();
+        let epoch = run.epoch;
         let cancel_first = run.cancel_requested;
         let addr = RunActor::new(
             run,
@@ -118,6 +137,7 @@ impl TenantRegistry {
             LiveRun {
                 addr,
                 key,
+                epoch,
                 begun: false,
             },
         );
@@ -141,6 +161,32 @@ impl TenantRegistry {
         }
     }
 
+    /// Forgets a live run (its actor stopped or is told to), freeing its slot.
+    fn forget(&mut self, id: RunId) {
+        let Some(live) = self.live.remove(&id) else {
+            return;
+        };
+        if self.by_key.get(&live.key) == Some(&id) {
+            self.by_key.remove(&live.key);
+        }
+        if live.begun {
+            self.executing -= 1;
+            metrics::gauge!("runpilot_active_runs").decrement(1.0);
+        } else {
+            self.waiting.retain(|waiting| *waiting != id);
+            metrics::gauge!("runpilot_queued_runs").decrement(1.0);
+        }
+        while self.executing < self.max_executing() {
+            match self.waiting.pop_front() {
+                Some(next) => {
+                    metrics::gauge!("runpilot_queued_runs").decrement(1.0);
+                    self.begin(next)
+                }
+                None => break,
+            }
+        }
+    }
+
     fn max_executing(&self) -> usize {
         self.shared.config.limits.max_active_runs_per_tenant as usize
     }
@@ -160,12 +206,17 @@ impl Handler<StartRun> for TenantRegistry {
             .and_then(|id| self.live.get(id))
             .map(|live| live.addr.clone());
         let store = self.shared.store.clone();
+        let created_at = now();
         let new_run = NewRun {
             id: RunId::new(),
             tenant: self.tenant.clone(),
             key: msg.key,
             item_ids: msg.item_ids,
-            created_at: now(),
+            created_at,
+            owner: self.shared.node_id.to_string(),
+            lease_expires_at: Timestamp::from_millis(
+                created_at.as_millis() + self.shared.config.cluster.lease.0.as_millis() as i64,
+            ),
         };
         AtomicResponse::new(Box::pin(
             async move {
@@ -278,8 +329,14 @@ impl Handler<AdoptRun> for TenantRegistry {
     type Result = ();
 
     fn handle(&mut self, msg: AdoptRun, ctx: &mut Context<Self>) {
-        if self.live.contains_key(&msg.run.id) {
-            return;
+        if let Some(live) = self.live.get(&msg.run.id) {
+            if live.epoch >= msg.run.epoch {
+                return;
+            }
+            // Taken again with a newer epoch (this node's own lease had
+            // lapsed): the old actor's writes would be refused; replace it.
+            live.addr.do_send(run::Relinquish);
+            self.forget(msg.run.id);
         }
         tracing::info!(
             tenant = %msg.run.tenant, run_id = %msg.run.id, run_type = %msg.run.run_type,
@@ -294,27 +351,41 @@ impl Handler<RunFinished> for TenantRegistry {
     type Result = ();
 
     fn handle(&mut self, msg: RunFinished, _: &mut Context<Self>) {
-        let Some(live) = self.live.remove(&msg.id) else {
-            return;
-        };
-        if self.by_key.get(&live.key) == Some(&msg.id) {
-            self.by_key.remove(&live.key);
+        // A successor actor of the same run (a newer epoch) stays.
+        if self.live.get(&msg.id).is_some_and(|l| l.epoch == msg.epoch) {
+            self.forget(msg.id);
         }
-        if live.begun {
-            self.executing -= 1;
-            metrics::gauge!("runpilot_active_runs").decrement(1.0);
-        } else {
-            self.waiting.retain(|id| *id != msg.id);
-            metrics::gauge!("runpilot_queued_runs").decrement(1.0);
-        }
-        while self.executing < self.max_executing() {
-            match self.waiting.pop_front() {
-                Some(next) => {
-                    metrics::gauge!("runpilot_queued_runs").decrement(1.0);
-                    self.begin(next)
+    }
+}
+
+impl Handler<CancelStored> for TenantRegistry {
+    type Result = ();
+
+    fn handle(&mut self, msg: CancelStored, ctx: &mut Context<Self>) {
+        if let Some(live) = self.live.get(&msg.id) {
+            let addr = live.addr.clone();
+            ctx.spawn(
+                async move {
+                    if let Ok(Err(e)) = addr.send(run::CancelRun).await {
+                        tracing::warn!(error = %e, "a stored cancel could not be applied yet");
+                    }
                 }
-                None => break,
+                .into_actor(self),
+            );
+        }
+    }
+}
+
+impl Handler<DropAll> for TenantRegistry {
+    type Result = ();
+
+    fn handle(&mut self, _: DropAll, _: &mut Context<Self>) {
+        let ids: Vec<RunId> = self.live.keys().copied().collect();
+        for id in ids {
+            if let Some(live) = self.live.get(&id) {
+                live.addr.do_send(run::Relinquish);
             }
+            self.forget(id);
         }
     }
 }

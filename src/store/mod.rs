@@ -25,6 +25,8 @@ pub enum StoreError {
     Corrupt(String),
     #[error("database error")]
     Database(#[source] sqlx::Error),
+    #[error("this node no longer holds the run (its epoch moved on)")]
+    Fenced,
     #[error("migration failed")]
     Migrate(#[source] sqlx::migrate::MigrateError),
 }
@@ -87,6 +89,31 @@ pub struct NewRun {
     /// The items given at start; `None` means the executor plans them.
     pub item_ids: Option<Vec<ItemId>>,
     pub created_at: Timestamp,
+    /// The node that creates the run owns it first (epoch 1) …
+    pub owner: String,
+    /// … until then, unless it renews.
+    pub lease_expires_at: Timestamp,
+}
+
+/// A run whose lease this node renewed, with what the heartbeat needs.
+#[derive(Debug, Clone)]
+pub struct Renewed {
+    pub tenant: TenantId,
+    pub id: RunId,
+    /// A cancel was stored (perhaps through another node).
+    pub cancel_requested: bool,
+}
+
+/// Which active runs a node takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimScope {
+    /// Runs whose lease expired (another node died or stalled).
+    Expired,
+    /// Those, and runs already held under this node's id (a restart with
+    /// the same `cluster.node_id`).
+    ExpiredOrOwn,
+    /// Every active run: the only process on an embedded (SQLite) store.
+    All,
 }
 
 /// The answer to a create: a new run, or the active run that holds the key.
@@ -167,6 +194,14 @@ impl Store {
         Ok(Self { backend })
     }
 
+    /// The embedded store (SQLite): one process, which owns every run.
+    pub fn is_embedded(&self) -> bool {
+        match self.backend {
+            Backend::Sqlite(_) => true,
+            Backend::Postgres(_) => false,
+        }
+    }
+
     /// Finishes the writes under way and closes the connections.
     pub async fn close(&self) {
         on_backend!(self, close())
@@ -187,9 +222,10 @@ impl Store {
     pub async fn mark_running(
         &self,
         id: RunId,
+        epoch: u64,
         at: Timestamp,
     ) -> Result<Option<RunRecord>, StoreError> {
-        on_backend!(self, mark_running(id, at))
+        on_backend!(self, mark_running(id, epoch, at))
     }
 
     /// Records the planned items and `counts.total`; `None` when the run
@@ -197,20 +233,22 @@ impl Store {
     pub async fn record_plan(
         &self,
         id: RunId,
+        epoch: u64,
         items: Vec<ItemId>,
         at: Timestamp,
     ) -> Result<Option<RunRecord>, StoreError> {
-        on_backend!(self, record_plan(id, items, at))
+        on_backend!(self, record_plan(id, epoch, items, at))
     }
 
     /// Marks items `running` with the attempt number each starts.
     pub async fn start_items(
         &self,
         id: RunId,
+        epoch: u64,
         items: Vec<(ItemId, u32)>,
         at: Timestamp,
     ) -> Result<(), StoreError> {
-        on_backend!(self, start_items(id, items, at))
+        on_backend!(self, start_items(id, epoch, items, at))
     }
 
     /// A failed attempt that will be retried: the item waits as `pending`
@@ -219,12 +257,13 @@ impl Store {
     pub async fn retry_item(
         &self,
         id: RunId,
+        epoch: u64,
         item: ItemId,
         error: ItemError,
         throttled: bool,
         at: Timestamp,
     ) -> Result<(), StoreError> {
-        on_backend!(self, retry_item(id, item, error, throttled, at))
+        on_backend!(self, retry_item(id, epoch, item, error, throttled, at))
     }
 
     /// A running item's final outcome, counted in the run in the same
@@ -232,11 +271,12 @@ impl Store {
     pub async fn finish_item(
         &self,
         id: RunId,
+        epoch: u64,
         item: ItemId,
         outcome: ItemOutcome,
         at: Timestamp,
     ) -> Result<Option<RunRecord>, StoreError> {
-        on_backend!(self, finish_item(id, item, outcome, at))
+        on_backend!(self, finish_item(id, epoch, item, outcome, at))
     }
 
     /// The run's terminal transition; items not finished become `canceled`
@@ -244,12 +284,16 @@ impl Store {
     pub async fn finish_run(
         &self,
         id: RunId,
+        epoch: u64,
         status: RunStatus,
         safe_error: Option<SafeError>,
         cancel_rest: bool,
         at: Timestamp,
     ) -> Result<Option<RunRecord>, StoreError> {
-        on_backend!(self, finish_run(id, status, safe_error, cancel_rest, at))
+        on_backend!(
+            self,
+            finish_run(id, epoch, status, safe_error, cancel_rest, at)
+        )
     }
 
     /// One run of one tenant and type.
@@ -262,9 +306,34 @@ impl Store {
         on_backend!(self, get_run(tenant, run_type, id))
     }
 
-    /// Every run not yet terminal, oldest first (for recovery).
-    pub async fn unfinished_runs(&self) -> Result<Vec<RunRecord>, StoreError> {
-        on_backend!(self, unfinished_runs())
+    /// Takes the active runs in `scope` for `node`: each gets a new epoch
+    /// (fencing out its previous holder) and a lease until `expires_at`.
+    /// Oldest first.
+    pub async fn claim_runs(
+        &self,
+        node: &str,
+        scope: ClaimScope,
+        now: Timestamp,
+        expires_at: Timestamp,
+    ) -> Result<Vec<RunRecord>, StoreError> {
+        let mut runs = on_backend!(self, claim_runs(node, scope, now, expires_at))?;
+        runs.sort_by_key(|r| (r.created_at, r.id));
+        Ok(runs)
+    }
+
+    /// Extends the leases `node` holds on active runs.
+    pub async fn renew_leases(
+        &self,
+        node: &str,
+        expires_at: Timestamp,
+    ) -> Result<Vec<Renewed>, StoreError> {
+        on_backend!(self, renew_leases(node, expires_at))
+    }
+
+    /// Lets the leases of `node` lapse now (a graceful stop), so that
+    /// another node takes its unfinished runs without waiting.
+    pub async fn release_leases(&self, node: &str) -> Result<(), StoreError> {
+        on_backend!(self, release_leases(node))
     }
 
     /// A run's items in their planned order.

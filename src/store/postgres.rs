@@ -16,10 +16,10 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use tokio_util::task::TaskTracker;
 
 use super::rows::{
-    ITEM_COLUMNS, RUN_COLUMNS, TOKEN_COLUMNS, corrupt, count, item_from_row, run_from_row,
-    token_from_row,
+    ITEM_COLUMNS, RUN_COLUMNS, TOKEN_COLUMNS, corrupt, count, item_from_row, renewed_from_row,
+    run_from_row, token_from_row,
 };
-use super::{Created, ItemOutcome, NewRun, NewToken, StoreError, StoredToken};
+use super::{ClaimScope, Created, ItemOutcome, NewRun, NewToken, Renewed, StoreError, StoredToken};
 use crate::config::DatabaseConfig;
 use crate::domain::{
     ItemError, ItemId, ItemRecord, ItemStatus, RunId, RunRecord, RunStatus, RunType, SafeError,
@@ -128,42 +128,71 @@ impl PostgresStore {
     pub(super) async fn mark_running(
         &self,
         id: RunId,
+        epoch: u64,
         at: Timestamp,
     ) -> Result<Option<RunRecord>, StoreError> {
-        self.write(move |conn| mark_running(conn, id, at).boxed())
-            .await
+        self.write(move |conn| {
+            async move {
+                check_fence(&mut *conn, id, epoch).await?;
+                mark_running(&mut *conn, id, at).await
+            }
+            .boxed()
+        })
+        .await
     }
 
     pub(super) async fn record_plan(
         &self,
         id: RunId,
+        epoch: u64,
         items: Vec<ItemId>,
         at: Timestamp,
     ) -> Result<Option<RunRecord>, StoreError> {
-        self.write(move |conn| record_plan(conn, id, items.clone(), at).boxed())
-            .await
+        self.write(move |conn| {
+            let items = items.clone();
+            async move {
+                check_fence(&mut *conn, id, epoch).await?;
+                record_plan(&mut *conn, id, items, at).await
+            }
+            .boxed()
+        })
+        .await
     }
 
     pub(super) async fn start_items(
         &self,
         id: RunId,
+        epoch: u64,
         items: Vec<(ItemId, u32)>,
         at: Timestamp,
     ) -> Result<(), StoreError> {
-        self.write(move |conn| start_items(conn, id, items.clone(), at).boxed())
-            .await
+        self.write(move |conn| {
+            let items = items.clone();
+            async move {
+                check_fence(&mut *conn, id, epoch).await?;
+                start_items(&mut *conn, id, items, at).await
+            }
+            .boxed()
+        })
+        .await
     }
 
     pub(super) async fn retry_item(
         &self,
         id: RunId,
+        epoch: u64,
         item: ItemId,
         error: ItemError,
         throttled: bool,
         at: Timestamp,
     ) -> Result<(), StoreError> {
         self.write(move |conn| {
-            retry_item(conn, id, item.clone(), error.clone(), throttled, at).boxed()
+            let (item, error) = (item.clone(), error.clone());
+            async move {
+                check_fence(&mut *conn, id, epoch).await?;
+                retry_item(&mut *conn, id, item, error, throttled, at).await
+            }
+            .boxed()
         })
         .await
     }
@@ -171,24 +200,38 @@ impl PostgresStore {
     pub(super) async fn finish_item(
         &self,
         id: RunId,
+        epoch: u64,
         item: ItemId,
         outcome: ItemOutcome,
         at: Timestamp,
     ) -> Result<Option<RunRecord>, StoreError> {
-        self.write(move |conn| finish_item(conn, id, item.clone(), outcome.clone(), at).boxed())
-            .await
+        self.write(move |conn| {
+            let (item, outcome) = (item.clone(), outcome.clone());
+            async move {
+                check_fence(&mut *conn, id, epoch).await?;
+                finish_item(&mut *conn, id, item, outcome, at).await
+            }
+            .boxed()
+        })
+        .await
     }
 
     pub(super) async fn finish_run(
         &self,
         id: RunId,
+        epoch: u64,
         status: RunStatus,
         safe_error: Option<SafeError>,
         cancel_rest: bool,
         at: Timestamp,
     ) -> Result<Option<RunRecord>, StoreError> {
         self.write(move |conn| {
-            finish_run(conn, id, status, safe_error.clone(), cancel_rest, at).boxed()
+            let safe_error = safe_error.clone();
+            async move {
+                check_fence(&mut *conn, id, epoch).await?;
+                finish_run(&mut *conn, id, status, safe_error, cancel_rest, at).await
+            }
+            .boxed()
         })
         .await
     }
@@ -214,16 +257,81 @@ impl PostgresStore {
         .await
     }
 
-    pub(super) async fn unfinished_runs(&self) -> Result<Vec<RunRecord>, StoreError> {
-        let pool = self.pool.clone();
-        self.call(async move {
-            let rows = sqlx::query(&format!(
-                "SELECT {RUN_COLUMNS} FROM runs WHERE status IN ('queued', 'running') \
-                 ORDER BY created_at, id"
-            ))
-            .fetch_all(&pool)
-            .await?;
-            rows.iter().map(run_from_row).collect()
+    pub(super) async fn claim_runs(
+        &self,
+        node: &str,
+        scope: ClaimScope,
+        now: Timestamp,
+        expires_at: Timestamp,
+    ) -> Result<Vec<RunRecord>, StoreError> {
+        let node = node.to_owned();
+        self.write(move |conn| {
+            let node = node.clone();
+            async move {
+                // Row locks make each run go to one claimer: a second one
+                // re-reads the row after the first committed, and its lease
+                // is no longer expired.
+                let rows = sqlx::query(&format!(
+                    "UPDATE runs SET owner_node = $1, epoch = epoch + 1, lease_expires_at = $3 \
+                     WHERE status IN ('queued', 'running') AND ($4 \
+                       OR lease_expires_at IS NULL OR lease_expires_at < $2 \
+                       OR ($5 AND owner_node = $1)) \
+                     RETURNING {RUN_COLUMNS}"
+                ))
+                .bind(&node)
+                .bind(now.as_millis())
+                .bind(expires_at.as_millis())
+                .bind(scope == ClaimScope::All)
+                .bind(scope == ClaimScope::ExpiredOrOwn)
+                .fetch_all(&mut *conn)
+                .await?;
+                rows.iter().map(run_from_row).collect()
+            }
+            .boxed()
+        })
+        .await
+    }
+
+    pub(super) async fn renew_leases(
+        &self,
+        node: &str,
+        expires_at: Timestamp,
+    ) -> Result<Vec<Renewed>, StoreError> {
+        let node = node.to_owned();
+        self.write(move |conn| {
+            let node = node.clone();
+            async move {
+                let rows = sqlx::query(
+                    "UPDATE runs SET lease_expires_at = $2 \
+                     WHERE owner_node = $1 AND status IN ('queued', 'running') \
+                     RETURNING tenant, id, cancel_requested",
+                )
+                .bind(&node)
+                .bind(expires_at.as_millis())
+                .fetch_all(&mut *conn)
+                .await?;
+                rows.iter().map(renewed_from_row).collect()
+            }
+            .boxed()
+        })
+        .await
+    }
+
+    pub(super) async fn release_leases(&self, node: &str) -> Result<(), StoreError> {
+        let node = node.to_owned();
+        self.write(move |conn| {
+            let node = node.clone();
+            async move {
+                sqlx::query(
+                    "UPDATE runs SET lease_expires_at = 0 \
+                     WHERE owner_node = $1 AND status IN ('queued', 'running')",
+                )
+                .bind(&node)
+                .execute(&mut *conn)
+                .await?;
+                Ok(())
+            }
+            .boxed()
         })
         .await
     }
@@ -410,6 +518,22 @@ impl PostgresStore {
     }
 }
 
+/// Refuses a write of a run's state unless the stored epoch is the
+/// writer's. The row lock holds off a takeover until this transaction ends,
+/// so the check stays true until the commit; taking it first (not a shared
+/// lock upgraded later) keeps concurrent writes of one run from deadlocking.
+async fn check_fence(conn: &mut PgConnection, id: RunId, epoch: u64) -> Result<(), StoreError> {
+    let stored: Option<i64> =
+        sqlx::query_scalar("SELECT epoch FROM runs WHERE id = $1 FOR NO KEY UPDATE")
+            .bind(id.to_string())
+            .fetch_optional(&mut *conn)
+            .await?;
+    match stored {
+        Some(stored) if u64::try_from(stored).ok() == Some(epoch) => Ok(()),
+        Some(_) | None => Err(StoreError::Fenced),
+    }
+}
+
 /// Runs `op` in a transaction and commits it; nothing is returned before
 /// the commit. A transaction PostgreSQL aborted as a deadlock victim or for a
 /// serialization conflict did nothing and is run again.
@@ -460,8 +584,8 @@ async fn create_run(conn: &mut PgConnection, run: NewRun) -> Result<Created, Sto
         // lets this one insert.
         let inserted = sqlx::query(&format!(
             "INSERT INTO runs (id, tenant, run_type, target_object_id, payload_hash, dedup_key, \
-             status, planned, total, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, 'queued', $7, $8, $9, $9) \
+             status, planned, total, created_at, updated_at, owner_node, lease_expires_at, epoch) \
+             VALUES ($1, $2, $3, $4, $5, $6, 'queued', $7, $8, $9, $9, $10, $11, 1) \
              ON CONFLICT (tenant, run_type, dedup_key) WHERE status IN ('queued', 'running') \
              DO NOTHING RETURNING {RUN_COLUMNS}"
         ))
@@ -474,6 +598,8 @@ async fn create_run(conn: &mut PgConnection, run: NewRun) -> Result<Created, Sto
         .bind(planned)
         .bind(total)
         .bind(run.created_at.as_millis())
+        .bind(&run.owner)
+        .bind(run.lease_expires_at.as_millis())
         .fetch_optional(&mut *conn)
         .await?;
         if let Some(row) = inserted {

@@ -16,7 +16,7 @@ use crate::domain::{
 /// The columns `run_from_row` reads, in the order both backends select them.
 pub(super) const RUN_COLUMNS: &str = "id, tenant, run_type, target_object_id, payload_hash, \
      status, planned, total, succeeded, failed, safe_error_code, safe_error_context, \
-     cancel_requested, created_at, started_at, finished_at, updated_at";
+     cancel_requested, created_at, started_at, finished_at, updated_at, epoch";
 
 /// The columns `item_from_row` reads.
 pub(super) const ITEM_COLUMNS: &str = "item_id, status, attempts, throttled, last_error_code, \
@@ -121,6 +121,7 @@ pub(super) fn run_from_row(row: &impl Columns) -> Result<RunRecord, StoreError> 
         finished_at: time(row, "finished_at")?,
         updated_at: Timestamp::from_millis(row.int("updated_at")?),
         throttled_until: None,
+        epoch: count(row, "epoch")?,
     })
 }
 
@@ -166,5 +167,13 @@ pub(super) fn token_from_row(row: &impl Columns) -> Result<TokenRecord, StoreErr
         created_at: Timestamp::from_millis(row.int("created_at")?),
         last_used_at: time(row, "last_used_at")?,
         revoked_at: time(row, "revoked_at")?,
+    })
+}
+
+pub(super) fn renewed_from_row(row: &impl Columns) -> Result<super::Renewed, StoreError> {
+    Ok(super::Renewed {
+        tenant: TenantId::parse(&row.text("tenant")?).map_err(|e| corrupt("tenant", e))?,
+        id: RunId::parse(&row.text("id")?).map_err(|e| corrupt("id", e))?,
+        cancel_requested: row.flag("cancel_requested")?,
     })
 }

@@ -16,10 +16,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::rows::{
-    ITEM_COLUMNS, RUN_COLUMNS, TOKEN_COLUMNS, corrupt, count, item_from_row, run_from_row,
-    token_from_row,
+    ITEM_COLUMNS, RUN_COLUMNS, TOKEN_COLUMNS, corrupt, count, item_from_row, renewed_from_row,
+    run_from_row, token_from_row,
 };
-use super::{Created, ItemOutcome, NewRun, NewToken, StoreError, StoredToken};
+use super::{ClaimScope, Created, ItemOutcome, NewRun, NewToken, Renewed, StoreError, StoredToken};
 use crate::config::{self, DatabaseConfig, SqliteSynchronous as Sync};
 use crate::domain::{
     ItemError, ItemId, ItemRecord, ItemStatus, RunId, RunRecord, RunStatus, RunType, SafeError,
@@ -43,6 +43,8 @@ pub(super) struct SqliteStore {
 /// One write and where its answer goes once the transaction committed.
 struct Job {
     op: WriteOp,
+    /// The run and epoch the write is fenced by, for a run's state.
+    fence: Option<(RunId, u64)>,
     reply: oneshot::Sender<Result<Written, StoreError>>,
 }
 
@@ -62,6 +64,9 @@ enum WriteOp {
         at: Timestamp,
     },
     RequestCancel(RunId, Timestamp),
+    ClaimRuns(String, ClaimScope, Timestamp, Timestamp),
+    RenewLeases(String, Timestamp),
+    ReleaseLeases(String),
     CreateToken(NewToken),
     RevokeToken(String, Timestamp),
     TouchToken(String, Timestamp),
@@ -70,6 +75,8 @@ enum WriteOp {
 enum Written {
     Created(Created),
     Run(Option<RunRecord>),
+    Runs(Vec<RunRecord>),
+    Renewed(Vec<Renewed>),
     Token(Option<TokenRecord>),
     Nothing,
 }
@@ -128,9 +135,17 @@ impl SqliteStore {
     }
 
     async fn write(&self, op: WriteOp) -> Result<Written, StoreError> {
+        self.write_fenced(op, None).await
+    }
+
+    async fn write_fenced(
+        &self,
+        op: WriteOp,
+        fence: Option<(RunId, u64)>,
+    ) -> Result<Written, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.writes
-            .send(Job { op, reply })
+            .send(Job { op, fence, reply })
             .await
             .map_err(|_| StoreError::Unavailable("the store is closed".into()))?;
         answer
@@ -138,44 +153,61 @@ impl SqliteStore {
             .map_err(|_| StoreError::Unavailable("the store writer stopped".into()))?
     }
 
-    async fn write_run(&self, op: WriteOp) -> Result<Option<RunRecord>, StoreError> {
-        match self.write(op).await? {
+    async fn write_run(
+        &self,
+        op: WriteOp,
+        fence: (RunId, u64),
+    ) -> Result<Option<RunRecord>, StoreError> {
+        match self.write_fenced(op, Some(fence)).await? {
             Written::Run(run) => Ok(run),
-            Written::Created(_) | Written::Token(_) | Written::Nothing => Err(mismatch()),
+            Written::Created(_)
+            | Written::Token(_)
+            | Written::Runs(_)
+            | Written::Renewed(_)
+            | Written::Nothing => Err(mismatch()),
         }
     }
 
     pub(super) async fn create_run(&self, run: NewRun) -> Result<Created, StoreError> {
         match self.write(WriteOp::CreateRun(run)).await? {
             Written::Created(created) => Ok(created),
-            Written::Run(_) | Written::Token(_) | Written::Nothing => Err(mismatch()),
+            Written::Run(_)
+            | Written::Token(_)
+            | Written::Runs(_)
+            | Written::Renewed(_)
+            | Written::Nothing => Err(mismatch()),
         }
     }
 
     pub(super) async fn mark_running(
         &self,
         id: RunId,
+        epoch: u64,
         at: Timestamp,
     ) -> Result<Option<RunRecord>, StoreError> {
-        self.write_run(WriteOp::MarkRunning(id, at)).await
+        self.write_run(WriteOp::MarkRunning(id, at), (id, epoch))
+            .await
     }
 
     pub(super) async fn record_plan(
         &self,
         id: RunId,
+        epoch: u64,
         items: Vec<ItemId>,
         at: Timestamp,
     ) -> Result<Option<RunRecord>, StoreError> {
-        self.write_run(WriteOp::RecordPlan(id, items, at)).await
+        self.write_run(WriteOp::RecordPlan(id, items, at), (id, epoch))
+            .await
     }
 
     pub(super) async fn start_items(
         &self,
         id: RunId,
+        epoch: u64,
         items: Vec<(ItemId, u32)>,
         at: Timestamp,
     ) -> Result<(), StoreError> {
-        self.write(WriteOp::StartItems(id, items, at))
+        self.write_fenced(WriteOp::StartItems(id, items, at), Some((id, epoch)))
             .await
             .map(drop)
     }
@@ -183,42 +215,51 @@ impl SqliteStore {
     pub(super) async fn retry_item(
         &self,
         id: RunId,
+        epoch: u64,
         item: ItemId,
         error: ItemError,
         throttled: bool,
         at: Timestamp,
     ) -> Result<(), StoreError> {
-        self.write(WriteOp::RetryItem(id, item, error, throttled, at))
-            .await
-            .map(drop)
+        self.write_fenced(
+            WriteOp::RetryItem(id, item, error, throttled, at),
+            Some((id, epoch)),
+        )
+        .await
+        .map(drop)
     }
 
     pub(super) async fn finish_item(
         &self,
         id: RunId,
+        epoch: u64,
         item: ItemId,
         outcome: ItemOutcome,
         at: Timestamp,
     ) -> Result<Option<RunRecord>, StoreError> {
-        self.write_run(WriteOp::FinishItem(id, item, outcome, at))
+        self.write_run(WriteOp::FinishItem(id, item, outcome, at), (id, epoch))
             .await
     }
 
     pub(super) async fn finish_run(
         &self,
         id: RunId,
+        epoch: u64,
         status: RunStatus,
         safe_error: Option<SafeError>,
         cancel_rest: bool,
         at: Timestamp,
     ) -> Result<Option<RunRecord>, StoreError> {
-        self.write_run(WriteOp::FinishRun {
-            id,
-            status,
-            safe_error,
-            cancel_rest,
-            at,
-        })
+        self.write_run(
+            WriteOp::FinishRun {
+                id,
+                status,
+                safe_error,
+                cancel_rest,
+                at,
+            },
+            (id, epoch),
+        )
         .await
     }
 
@@ -239,20 +280,50 @@ impl SqliteStore {
         row.as_ref().map(run_from_row).transpose()
     }
 
-    pub(super) async fn unfinished_runs(&self) -> Result<Vec<RunRecord>, StoreError> {
-        let rows = sqlx::query(&format!(
-            "SELECT {RUN_COLUMNS} FROM runs WHERE status IN ('queued', 'running') \
-             ORDER BY created_at, id"
-        ))
-        .fetch_all(&self.reads)
-        .await?;
-        rows.iter().map(run_from_row).collect()
+    pub(super) async fn claim_runs(
+        &self,
+        node: &str,
+        scope: ClaimScope,
+        now: Timestamp,
+        expires_at: Timestamp,
+    ) -> Result<Vec<RunRecord>, StoreError> {
+        match self
+            .write(WriteOp::ClaimRuns(node.to_owned(), scope, now, expires_at))
+            .await?
+        {
+            Written::Runs(runs) => Ok(runs),
+            _other => Err(mismatch()),
+        }
+    }
+
+    pub(super) async fn renew_leases(
+        &self,
+        node: &str,
+        expires_at: Timestamp,
+    ) -> Result<Vec<Renewed>, StoreError> {
+        match self
+            .write(WriteOp::RenewLeases(node.to_owned(), expires_at))
+            .await?
+        {
+            Written::Renewed(renewed) => Ok(renewed),
+            _other => Err(mismatch()),
+        }
+    }
+
+    pub(super) async fn release_leases(&self, node: &str) -> Result<(), StoreError> {
+        self.write(WriteOp::ReleaseLeases(node.to_owned()))
+            .await
+            .map(drop)
     }
 
     async fn write_token(&self, op: WriteOp) -> Result<Option<TokenRecord>, StoreError> {
         match self.write(op).await? {
             Written::Token(token) => Ok(token),
-            Written::Created(_) | Written::Run(_) | Written::Nothing => Err(mismatch()),
+            Written::Created(_)
+            | Written::Run(_)
+            | Written::Runs(_)
+            | Written::Renewed(_)
+            | Written::Nothing => Err(mismatch()),
         }
     }
 
@@ -317,7 +388,10 @@ impl SqliteStore {
         id: RunId,
         at: Timestamp,
     ) -> Result<Option<RunRecord>, StoreError> {
-        self.write_run(WriteOp::RequestCancel(id, at)).await
+        match self.write(WriteOp::RequestCancel(id, at)).await? {
+            Written::Run(run) => Ok(run),
+            _other => Err(mismatch()),
+        }
     }
 
     pub(super) async fn item_page(
@@ -380,7 +454,8 @@ async fn write_loop(
         if received == 0 {
             break;
         }
-        let (ops, replies): (Vec<_>, Vec<_>) = batch.drain(..).map(|j| (j.op, j.reply)).unzip();
+        let (ops, replies): (Vec<_>, Vec<_>) =
+            batch.drain(..).map(|j| ((j.op, j.fence), j.reply)).unzip();
         let began = std::time::Instant::now();
         let applied = apply_batch(&mut conn, ops).await;
         metrics::histogram!("runpilot_store_write_seconds").record(began.elapsed().as_secs_f64());
@@ -405,13 +480,20 @@ async fn write_loop(
 
 async fn apply_batch(
     conn: &mut SqliteConnection,
-    ops: Vec<WriteOp>,
+    ops: Vec<(WriteOp, Option<(RunId, u64)>)>,
 ) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
     let mut tx = conn.begin().await?;
     let mut results = Vec::with_capacity(ops.len());
-    for op in ops {
+    for (op, fence) in ops {
         let mut savepoint = tx.begin().await?;
-        match apply(&mut savepoint, op).await {
+        let applied = match fence {
+            Some((id, epoch)) => match check_fence(&mut savepoint, id, epoch).await {
+                Ok(()) => apply(&mut savepoint, op).await,
+                Err(e) => Err(e),
+            },
+            None => apply(&mut savepoint, op).await,
+        };
+        match applied {
             Ok(written) => {
                 savepoint.commit().await?;
                 results.push(Ok(written));
@@ -426,8 +508,65 @@ async fn apply_batch(
     Ok(results)
 }
 
+/// Refuses a write of a run's state unless the stored epoch is the writer's.
+async fn check_fence(conn: &mut SqliteConnection, id: RunId, epoch: u64) -> Result<(), StoreError> {
+    let stored: Option<i64> = sqlx::query_scalar("SELECT epoch FROM runs WHERE id = ?")
+        .bind(id.to_string())
+        .fetch_optional(&mut *conn)
+        .await?;
+    match stored {
+        Some(stored) if u64::try_from(stored).ok() == Some(epoch) => Ok(()),
+        Some(_) | None => Err(StoreError::Fenced),
+    }
+}
+
 async fn apply(conn: &mut SqliteConnection, op: WriteOp) -> Result<Written, StoreError> {
     match op {
+        WriteOp::ClaimRuns(node, scope, now, expires_at) => {
+            let rows = sqlx::query(&format!(
+                "UPDATE runs SET owner_node = ?1, epoch = epoch + 1, lease_expires_at = ?3 \
+                 WHERE status IN ('queued', 'running') AND (?4 \
+                   OR lease_expires_at IS NULL OR lease_expires_at < ?2 \
+                   OR (?5 AND owner_node = ?1)) \
+                 RETURNING {RUN_COLUMNS}"
+            ))
+            .bind(&node)
+            .bind(now.as_millis())
+            .bind(expires_at.as_millis())
+            .bind(scope == ClaimScope::All)
+            .bind(scope == ClaimScope::ExpiredOrOwn)
+            .fetch_all(&mut *conn)
+            .await?;
+            rows.iter()
+                .map(run_from_row)
+                .collect::<Result<_, _>>()
+                .map(Written::Runs)
+        }
+        WriteOp::RenewLeases(node, expires_at) => {
+            let rows = sqlx::query(
+                "UPDATE runs SET lease_expires_at = ?2 \
+                 WHERE owner_node = ?1 AND status IN ('queued', 'running') \
+                 RETURNING tenant, id, cancel_requested",
+            )
+            .bind(&node)
+            .bind(expires_at.as_millis())
+            .fetch_all(&mut *conn)
+            .await?;
+            rows.iter()
+                .map(renewed_from_row)
+                .collect::<Result<_, _>>()
+                .map(Written::Renewed)
+        }
+        WriteOp::ReleaseLeases(node) => {
+            sqlx::query(
+                "UPDATE runs SET lease_expires_at = 0 \
+                 WHERE owner_node = ?1 AND status IN ('queued', 'running')",
+            )
+            .bind(&node)
+            .execute(&mut *conn)
+            .await?;
+            Ok(Written::Nothing)
+        }
         WriteOp::CreateRun(run) => create_run(conn, run).await.map(Written::Created),
         WriteOp::MarkRunning(id, at) => {
             let row = sqlx::query(&format!(
@@ -630,8 +769,8 @@ async fn create_run(conn: &mut SqliteConnection, run: NewRun) -> Result<Created,
     let total = run.item_ids.as_ref().map_or(0, Vec::len) as i64;
     let inserted = sqlx::query(&format!(
         "INSERT INTO runs (id, tenant, run_type, target_object_id, payload_hash, dedup_key, \
-         status, planned, total, created_at, updated_at) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7, ?8, ?9, ?9) \
+         status, planned, total, created_at, updated_at, owner_node, lease_expires_at, epoch) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7, ?8, ?9, ?9, ?10, ?11, 1) \
          ON CONFLICT (tenant, run_type, dedup_key) WHERE status IN ('queued', 'running') \
          DO NOTHING RETURNING {RUN_COLUMNS}"
     ))
@@ -644,6 +783,8 @@ async fn create_run(conn: &mut SqliteConnection, run: NewRun) -> Result<Created,
     .bind(planned)
     .bind(total)
     .bind(run.created_at.as_millis())
+    .bind(&run.owner)
+    .bind(run.lease_expires_at.as_millis())
     .fetch_optional(&mut *conn)
     .await?;
     match inserted {

@@ -4,6 +4,7 @@
 
 use futures_util::future::join_all;
 use runpilot::config::DatabaseConfig;
+use runpilot::domain::Timestamp;
 use runpilot::domain::{DedupKey, ItemId, RunId, RunStatus, RunType, TenantId, now};
 use runpilot::store::{Created, ItemOutcome, NewRun, Store};
 
@@ -28,6 +29,8 @@ fn new_run(target: &str, items: Option<&[&str]>) -> NewRun {
         },
         item_ids: items.map(|ids| ids.iter().map(|i| ItemId::parse(i).unwrap()).collect()),
         created_at: now(),
+        owner: "test-node".into(),
+        lease_expires_at: Timestamp::from_millis(now().as_millis() + 15_000),
     }
 }
 
@@ -59,17 +62,29 @@ async fn an_ended_run_frees_its_key_and_refuses_further_transitions(backend: Bac
         panic!("the first create makes a run");
     };
 
-    assert!(store.mark_running(run.id, now()).await.unwrap().is_some());
-    assert!(store.mark_running(run.id, now()).await.unwrap().is_none());
+    assert!(
+        store
+            .mark_running(run.id, run.epoch, now())
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        store
+            .mark_running(run.id, run.epoch, now())
+            .await
+            .unwrap()
+            .is_none()
+    );
     let ended = store
-        .finish_run(run.id, RunStatus::Succeeded, None, false, now())
+        .finish_run(run.id, run.epoch, RunStatus::Succeeded, None, false, now())
         .await
         .unwrap()
         .expect("the run ends");
     assert_eq!(ended.status, RunStatus::Succeeded);
     assert!(
         store
-            .finish_run(run.id, RunStatus::Failed, None, true, now())
+            .finish_run(run.id, run.epoch, RunStatus::Failed, None, true, now())
             .await
             .unwrap()
             .is_none()
@@ -91,19 +106,19 @@ async fn an_item_outcome_is_counted_once(backend: Backend) {
     else {
         panic!("the first create makes a run");
     };
-    store.mark_running(run.id, now()).await.unwrap();
+    store.mark_running(run.id, run.epoch, now()).await.unwrap();
     let a = ItemId::parse("a").unwrap();
     store
-        .start_items(run.id, vec![(a.clone(), 1)], now())
+        .start_items(run.id, run.epoch, vec![(a.clone(), 1)], now())
         .await
         .unwrap();
 
     let first = store
-        .finish_item(run.id, a.clone(), ItemOutcome::Succeeded, now())
+        .finish_item(run.id, run.epoch, a.clone(), ItemOutcome::Succeeded, now())
         .await
         .unwrap();
     let second = store
-        .finish_item(run.id, a.clone(), ItemOutcome::Succeeded, now())
+        .finish_item(run.id, run.epoch, a.clone(), ItemOutcome::Succeeded, now())
         .await
         .unwrap();
 

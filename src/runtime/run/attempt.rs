@@ -84,14 +84,14 @@ impl RunActor {
         let attempt = self.attempts.get(&item).copied().unwrap_or(0) + 1;
         let abort = self.stop.child_token();
         self.in_flight.insert(item.clone(), abort.clone());
-        let id = self.record.id;
+        let (id, epoch) = (self.record.id, self.record.epoch);
         let tracked = self.shared.tracker.token();
         let write_item = item.clone();
         self.persist(
             ctx,
             move |store| {
                 let items = vec![(write_item.clone(), attempt)];
-                async move { store.start_items(id, items, now()).await }.boxed()
+                async move { store.start_items(id, epoch, items, now()).await }.boxed()
             },
             move |act, (), ctx| {
                 act.attempts.insert(item.clone(), attempt);
@@ -175,7 +175,7 @@ impl RunActor {
         tracked: TaskTrackerToken,
         ctx: &mut Context<Self>,
     ) {
-        let id = self.record.id;
+        let (id, epoch) = (self.record.id, self.record.epoch);
         let throttled_before = self.throttled.get(&item).copied().unwrap_or(0);
         // Throttled attempts do not use up `max_attempts`.
         let counted = attempt.saturating_sub(throttled_before);
@@ -220,7 +220,7 @@ impl RunActor {
             ctx,
             move |store| {
                 let (item, outcome) = (write_item.clone(), outcome.clone());
-                async move { store.finish_item(id, item, outcome, now()).await }.boxed()
+                async move { store.finish_item(id, epoch, item, outcome, now()).await }.boxed()
             },
             move |act, run, ctx| {
                 if let Some(run) = run {
@@ -248,13 +248,18 @@ impl RunActor {
         tracked: TaskTrackerToken,
         ctx: &mut Context<Self>,
     ) {
-        let id = self.record.id;
+        let (id, epoch) = (self.record.id, self.record.epoch);
         let write_item = item.clone();
         self.persist(
             ctx,
             move |store| {
                 let (item, error) = (write_item.clone(), error.clone());
-                async move { store.retry_item(id, item, error, throttled, now()).await }.boxed()
+                async move {
+                    store
+                        .retry_item(id, epoch, item, error, throttled, now())
+                        .await
+                }
+                .boxed()
             },
             move |act, (), ctx| {
                 act.in_flight.remove(&item);

@@ -37,6 +37,12 @@ pub(super) struct Begin;
 #[rtype(result = "RunRecord")]
 pub(super) struct GetRun;
 
+/// Stop executing the run here without writing anything: another node
+/// holds it now (or will). Attempts in flight are aborted.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(super) struct Relinquish;
+
 /// Stop the run: pending items are canceled, attempts in flight aborted.
 #[derive(Message)]
 #[rtype(result = "Result<CancelOutcome, StoreError>")]
@@ -160,10 +166,10 @@ impl RunActor {
     fn start(&mut self, ctx: &mut Context<Self>) {
         self.phase = Phase::Starting;
         if self.record.status == RunStatus::Queued {
-            let id = self.record.id;
+            let (id, epoch) = (self.record.id, self.record.epoch);
             self.persist(
                 ctx,
-                move |store| async move { store.mark_running(id, now()).await }.boxed(),
+                move |store| async move { store.mark_running(id, epoch, now()).await }.boxed(),
                 |act, run, ctx| {
                     if let Some(run) = run {
                         act.adopt(run);
@@ -192,12 +198,12 @@ impl RunActor {
         };
         ctx.spawn(planned.into_actor(self).map(|planned, act, ctx| match planned {
             Ok(items) => {
-                let id = act.record.id;
+                let (id, epoch) = (act.record.id, act.record.epoch);
                 act.persist(
                     ctx,
                     move |store| {
                         let items = items.clone();
-                        async move { store.record_plan(id, items, now()).await }.boxed()
+                        async move { store.record_plan(id, epoch, items, now()).await }.boxed()
                     },
                     |act, run, ctx| {
                         if let Some(run) = run {
@@ -314,7 +320,7 @@ impl RunActor {
         safe_error: Option<SafeError>,
     ) {
         self.phase = Phase::Finishing;
-        let id = self.record.id;
+        let (id, epoch) = (self.record.id, self.record.epoch);
         let cancel_rest = self.stopped.is_some();
         self.persist(
             ctx,
@@ -322,7 +328,7 @@ impl RunActor {
                 let safe_error = safe_error.clone();
                 async move {
                     store
-                        .finish_run(id, status, safe_error, cancel_rest, now())
+                        .finish_run(id, epoch, status, safe_error, cancel_rest, now())
                         .await
                 }
                 .boxed()
@@ -337,10 +343,30 @@ impl RunActor {
                     "status" => act.record.status.as_str()
                 )
                 .increment(1);
-                act.registry.do_send(RunFinished { id: act.record.id });
+                act.registry.do_send(RunFinished {
+                    id: act.record.id,
+                    epoch: act.record.epoch,
+                });
                 ctx.stop();
             },
         );
+    }
+}
+
+impl RunActor {
+    /// Stops here without another write: the run is another node's now.
+    /// Attempts in flight are aborted; their items run again there.
+    pub(super) fn relinquish(&mut self, ctx: &mut Context<Self>) {
+        tracing::warn!(
+            tenant = %self.record.tenant, run_id = %self.record.id, epoch = self.record.epoch,
+            "this node no longer holds the run; it stops executing it here"
+        );
+        self.stop.cancel();
+        self.registry.do_send(RunFinished {
+            id: self.record.id,
+            epoch: self.record.epoch,
+        });
+        ctx.stop();
     }
 }
 
@@ -403,6 +429,14 @@ impl Handler<CancelRun> for RunActor {
                     None => Ok(CancelOutcome::AlreadyFinished(act.record.clone())),
                 }),
         )
+    }
+}
+
+impl Handler<Relinquish> for RunActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Relinquish, ctx: &mut Context<Self>) {
+        self.relinquish(ctx);
     }
 }
 

@@ -34,6 +34,8 @@ impl RunActor {
         let pending = write(self.shared.store.clone());
         ctx.spawn(pending.into_actor(self).map(move |result, act, ctx| match result {
             Ok(value) => then(act, value, ctx),
+            // Another node took the run over: stop, write nothing more.
+            Err(StoreError::Fenced) => act.relinquish(ctx),
             Err(error) => {
                 let wait = Duration::from_millis(100 * 2u64.pow(failures.min(6))).min(MAX_WRITE_RETRY);
                 tracing::warn!(
