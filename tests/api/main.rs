@@ -5,6 +5,7 @@
 
 mod access;
 mod cancel;
+mod cluster;
 mod contract;
 mod dedup;
 mod errors;

@@ -15,7 +15,7 @@ use crate::helpers::{
 
 /// A `runpilot serve` process on a random port.
 pub struct Node {
-    child: Child,
+    pub child: Child,
     pub address: String,
     /// Every line the process wrote to stderr (its logs).
     pub logs: Arc<Mutex<Vec<String>>>,
@@ -162,7 +162,7 @@ impl Drop for Node {
     }
 }
 
-fn thirty_items() -> Value {
+pub fn thirty_items() -> Value {
     let items: Vec<String> = (1..=30).map(|n| format!("item-{n:02}")).collect();
     json!({"targetObjectId": "tenant-backup", "itemIds": items})
 }
