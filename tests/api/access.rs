@@ -323,3 +323,37 @@ async fn no_token_or_hash_reaches_the_logs(backend: Backend) {
         "a header was logged"
     );
 }
+
+on_both_backends!(metrics_need_no_token_unless_configured_and_then_an_admin_one);
+async fn metrics_need_no_token_unless_configured_and_then_an_admin_one(backend: Backend) {
+    let open = spawn_app(backend).await;
+    let response = open.client.get(open.url("/metrics")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+
+    let guarded = crate::helpers::spawn_app_with(backend, |c| {
+        c.server.metrics_require_token = true;
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, tenant_token) = create_token(dir.path(), &database_url(&guarded), &[TENANT]).await;
+    let get = |token: Option<&str>| {
+        let mut request = guarded.client.get(guarded.url("/metrics"));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send()
+    };
+    let (status, body) = parts(get(None).await.unwrap()).await;
+    assert_eq!(
+        (status.as_u16(), body["code"].as_str()),
+        (401, Some("unauthenticated"))
+    );
+    let (status, body) = parts(get(Some(&tenant_token)).await.unwrap()).await;
+    assert_eq!(
+        (status.as_u16(), body["code"].as_str()),
+        (403, Some("forbidden"))
+    );
+    let response = get(Some(ADMIN_TOKEN)).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.text().await.unwrap().contains("runpilot_"));
+}
