@@ -217,3 +217,49 @@ async fn an_item_that_keeps_failing_stops_at_max_attempts(backend: Backend) {
         .await;
     assert_eq!((attempts, code.as_str()), (3, "upstream_unavailable"));
 }
+
+/// Panics while planning, before returning a future at all.
+struct PanicsWhilePlanning;
+
+impl ItemExecutor for PanicsWhilePlanning {
+    fn plan(&self, _: PlanRequest) -> BoxFuture<'static, Result<Vec<ItemId>, ItemError>> {
+        panic!("plan bug on purpose");
+    }
+
+    fn execute(&self, _: ItemRequest) -> BoxFuture<'static, Result<(), AttemptError>> {
+        panic!("execute bug on purpose");
+    }
+}
+
+on_both_backends!(a_panicking_plan_fails_the_run_and_the_service_goes_on);
+async fn a_panicking_plan_fails_the_run_and_the_service_goes_on(backend: Backend) {
+    let app = spawn_app_with_executors(
+        backend,
+        |_| {},
+        |e| {
+            e.set(RunType::RestorePreview, Arc::new(PanicsWhilePlanning));
+            e.set(RunType::RestoreExecute, Arc::new(PanicsWhilePlanning));
+        },
+    )
+    .await;
+    let planned = app.create_run("restore_preview", json!({})).await;
+    let given = app
+        .create_run("restore_execute", json!({"itemIds": ["a"]}))
+        .await;
+
+    let run = app.wait_until_finished("restore_preview", &planned).await;
+    assert_eq!(run["status"], "failed");
+    assert_eq!(run["safeError"]["code"], "plan_failed");
+    assert_eq!(run["safeError"]["context"]["reason"], "executor_panicked");
+    let run = app.wait_until_finished("restore_execute", &given).await;
+    assert_eq!(run["status"], "failed", "{run}");
+    assert_eq!(run["safeError"]["code"], "all_items_failed");
+    // Other runs still run.
+    let id = app
+        .create_run("snapshot_capture", json!({"itemIds": ["a"]}))
+        .await;
+    assert_eq!(
+        app.wait_until_finished("snapshot_capture", &id).await["status"],
+        "succeeded"
+    );
+}

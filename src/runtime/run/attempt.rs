@@ -119,13 +119,15 @@ impl RunActor {
             item_id: item.clone(),
             attempt,
         };
-        let work = self.executor.execute(request);
+        let executor = self.executor.clone();
         let timeout = self.settings.item_timeout.0;
         let run_type = self.record.run_type.as_str();
         let began = std::time::Instant::now();
+        // Even the executor's synchronous part runs in the child task, so
+        // that any panic of it is the child's.
         let child = actix::spawn(async move {
             tokio::select! {
-                result = tokio::time::timeout(timeout, work) => Some(result),
+                result = tokio::time::timeout(timeout, executor.execute(request)) => Some(result),
                 () = abort.cancelled() => None,
             }
         });

@@ -186,14 +186,21 @@ impl RunActor {
         if self.record.planned || self.stopped.is_some() {
             return self.load_items(ctx);
         }
-        let plan = self.executor.plan(self.plan_request());
+        let executor = self.executor.clone();
+        let request = self.plan_request();
         let timeout = self.settings.item_timeout.0;
         let max_items = self.shared.config.limits.max_items_per_run as usize;
+        // A child task: a panicking plan fails the run, not this actor's thread.
+        let child =
+            actix::spawn(
+                async move { tokio::time::timeout(timeout, executor.plan(request)).await },
+            );
         let planned = async move {
-            match tokio::time::timeout(timeout, plan).await {
-                Ok(Ok(items)) => check_plan(items, max_items),
-                Ok(Err(e)) => Err(e),
-                Err(_) => Err(ItemError::new("timeout")),
+            match child.await {
+                Ok(Ok(Ok(items))) => check_plan(items, max_items),
+                Ok(Ok(Err(e))) => Err(e),
+                Ok(Err(_elapsed)) => Err(ItemError::new("timeout")),
+                Err(_panicked_or_aborted) => Err(ItemError::new("executor_panicked")),
             }
         };
         ctx.spawn(planned.into_actor(self).map(|planned, act, ctx| match planned {
