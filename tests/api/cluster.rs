@@ -172,7 +172,11 @@ async fn a_stalled_node_cannot_overwrite_its_successor() {
 async fn a_cancel_sent_to_another_node_stops_the_run_where_it_executes() {
     let Some(db) = postgres().await else { return };
     let dir = tempfile::tempdir().unwrap();
-    let a = Node::start(dir.path(), &db, &node_env("node-a"));
+    // Items slow enough that the run is still going when the cancel, stored
+    // through node B, reaches node A at A's next heartbeat.
+    let mut slow = node_env("node-a");
+    slow.push(("RUNPILOT_RUN_TYPES__SNAPSHOT_CAPTURE__DELAY", "500ms"));
+    let a = Node::start(dir.path(), &db, &slow);
     let b = Node::start(dir.path(), &db, &node_env("node-b"));
     let (_, created) = a.start_run(thirty_items()).await;
     let id = created["run"]["id"].as_str().unwrap().to_owned();
