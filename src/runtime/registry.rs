@@ -239,10 +239,16 @@ impl Handler<StartRun> for TenantRegistry {
                             tenant = %run.tenant, run_id = %run.id, run_type = %run.run_type,
                             status = %run.status, "run created"
                         );
+                        metrics::counter!("runpilot_runs_started_total", "type" => run.run_type.as_str())
+                            .increment(1);
                         act.launch(run.clone(), false, ctx);
                         Ok(Started { run, reused: false })
                     }
-                    Created::Existing(run) => Ok(Started { run, reused: true }),
+                    Created::Existing(run) => {
+                        metrics::counter!("runpilot_runs_reused_total", "type" => run.run_type.as_str())
+                            .increment(1);
+                        Ok(Started { run, reused: true })
+                    }
                 },
             ),
         ))

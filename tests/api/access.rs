@@ -327,8 +327,24 @@ async fn no_token_or_hash_reaches_the_logs(backend: Backend) {
 on_both_backends!(metrics_need_no_token_unless_configured_and_then_an_admin_one);
 async fn metrics_need_no_token_unless_configured_and_then_an_admin_one(backend: Backend) {
     let open = spawn_app(backend).await;
+    let id = open
+        .create_run("snapshot_capture", json!({"itemIds": ["a"]}))
+        .await;
+    open.start_run(TENANT, "snapshot_capture", Some(json!({"itemIds": ["a"]})))
+        .await;
+    open.wait_until_finished("snapshot_capture", &id).await;
     let response = open.client.get(open.url("/metrics")).send().await.unwrap();
     assert_eq!(response.status(), 200);
+    let text = response.text().await.unwrap();
+    for name in [
+        "runpilot_runs_started_total{type=\"snapshot_capture\"}",
+        "runpilot_runs_reused_total{type=\"snapshot_capture\"}",
+        "runpilot_runs_finished_total{type=\"snapshot_capture\",status=\"succeeded\"}",
+        "runpilot_item_attempts_total",
+        "runpilot_store_write_seconds",
+    ] {
+        assert!(text.contains(name), "/metrics lacks {name}");
+    }
 
     let guarded = crate::helpers::spawn_app_with(backend, |c| {
         c.server.metrics_require_token = true;
