@@ -413,13 +413,18 @@ impl Handler<Begin> for RunActor {
 impl Handler<CancelRun> for RunActor {
     type Result = ResponseActFuture<Self, Result<CancelOutcome, StoreError>>;
 
-    fn handle(&mut self, _: CancelRun, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, _: CancelRun, ctx: &mut Context<Self>) -> Self::Result {
         if self.record.status.is_terminal() || self.phase == Phase::Finishing {
             return Box::pin(fut::ready(Ok(CancelOutcome::AlreadyFinished(
                 self.record.clone(),
             ))));
         }
         if self.record.cancel_requested {
+            // Stored already (perhaps through another node, and seen here in
+            // a row an item write returned): stop, if not yet stopping.
+            if self.stopped.is_none() {
+                self.stop_early(SafeErrorCode::Canceled, ctx);
+            }
             return Box::pin(fut::ready(Ok(CancelOutcome::Accepted(self.record.clone()))));
         }
         let store = self.shared.store.clone();
