@@ -113,6 +113,14 @@ pub struct ItemPage {
     pub next_cursor: Option<String>,
 }
 
+/// A page of runs, newest first; `nextCursor` is opaque and null on the last page.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunPage {
+    pub runs: Vec<RunDto>,
+    pub next_cursor: Option<String>,
+}
+
 /// The answer to a start.
 #[derive(Debug, Serialize)]
 pub struct RunStartResponse {

@@ -39,6 +39,11 @@ pub fn configure(
                 web::scope("/admin/t/{tenant}")
                     .wrap(from_fn(auth::authorize))
                     .service(
+                        web::resource("/runs")
+                            .route(web::get().to(routes::runs::list_runs))
+                            .default_service(web::to(method_not_allowed)),
+                    )
+                    .service(
                         web::resource("/runs/{run_type}")
                             .route(web::post().to(routes::runs::start_run))
                             .default_service(web::to(method_not_allowed)),

@@ -29,6 +29,7 @@ use crate::domain::{
 use crate::store::{ClaimScope, Store, StoreError};
 use executor::Executors;
 
+pub use crate::store::RunQuery;
 pub use registry::TenantRegistry;
 pub use run::RunActor;
 
@@ -170,6 +171,17 @@ impl Directory {
     ) -> Result<Option<CancelOutcome>, RegistryError> {
         self.registry(tenant)
             .send(registry::CancelRun { run_type, id })
+            .await?
+    }
+
+    /// A tenant's runs, newest first.
+    pub async fn list_runs(
+        &self,
+        tenant: &TenantId,
+        query: RunQuery,
+    ) -> Result<Vec<RunRecord>, RegistryError> {
+        self.registry(tenant)
+            .send(registry::ListRuns { query })
             .await?
     }
 

@@ -13,7 +13,7 @@ use super::{CancelOutcome, ItemQuery, RegistryError, Shared, Started};
 use crate::domain::{
     DedupKey, ItemId, ItemRecord, RunId, RunRecord, RunStatus, RunType, TenantId, Timestamp, now,
 };
-use crate::store::{Created, NewRun};
+use crate::store::{Created, NewRun, RunQuery};
 
 /// Start a run, or answer the active run that holds the key.
 #[derive(Message)]
@@ -37,6 +37,13 @@ pub(super) struct GetRun {
 pub(super) struct CancelRun {
     pub run_type: RunType,
     pub id: RunId,
+}
+
+/// A page of this tenant's runs, newest first.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<RunRecord>, RegistryError>")]
+pub(super) struct ListRuns {
+    pub query: RunQuery,
 }
 
 /// A page of a run's items.
@@ -304,6 +311,17 @@ impl Handler<CancelRun> for TenantRegistry {
                 None => CancelOutcome::AlreadyFinished(run),
             }))
         })
+    }
+}
+
+impl Handler<ListRuns> for TenantRegistry {
+    type Result = ResponseFuture<Result<Vec<RunRecord>, RegistryError>>;
+
+    fn handle(&mut self, msg: ListRuns, _: &mut Context<Self>) -> Self::Result {
+        let store = self.shared.store.clone();
+        let tenant = self.tenant.clone();
+        // The store is current to the last committed transition.
+        Box::pin(async move { Ok(store.list_runs(&tenant, msg.query).await?) })
     }
 }
 

@@ -95,6 +95,16 @@ pub struct NewRun {
     pub lease_expires_at: Timestamp,
 }
 
+/// Which of a tenant's runs to list.
+#[derive(Debug, Clone, Copy)]
+pub struct RunQuery {
+    pub run_type: Option<RunType>,
+    pub status: Option<RunStatus>,
+    /// Runs created before this one (ids are UUID v7: they sort by time).
+    pub before: Option<RunId>,
+    pub limit: u32,
+}
+
 /// A run whose lease this node renewed, with what the heartbeat needs.
 #[derive(Debug, Clone)]
 pub struct Renewed {
@@ -304,6 +314,16 @@ impl Store {
         id: RunId,
     ) -> Result<Option<RunRecord>, StoreError> {
         on_backend!(self, get_run(tenant, run_type, id))
+    }
+
+    /// A tenant's runs, newest first: those older than `before`, of
+    /// `run_type` and `status` when given, at most `limit`.
+    pub async fn list_runs(
+        &self,
+        tenant: &TenantId,
+        query: RunQuery,
+    ) -> Result<Vec<RunRecord>, StoreError> {
+        on_backend!(self, list_runs(tenant, query))
     }
 
     /// Takes the active runs in `scope` for `node`: each gets a new epoch

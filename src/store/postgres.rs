@@ -19,7 +19,9 @@ use super::rows::{
     ITEM_COLUMNS, RUN_COLUMNS, TOKEN_COLUMNS, corrupt, count, item_from_row, renewed_from_row,
     run_from_row, token_from_row,
 };
-use super::{ClaimScope, Created, ItemOutcome, NewRun, NewToken, Renewed, StoreError, StoredToken};
+use super::{
+    ClaimScope, Created, ItemOutcome, NewRun, NewToken, Renewed, RunQuery, StoreError, StoredToken,
+};
 use crate::config::DatabaseConfig;
 use crate::domain::{
     ItemError, ItemId, ItemRecord, ItemStatus, RunId, RunRecord, RunStatus, RunType, SafeError,
@@ -232,6 +234,30 @@ impl PostgresStore {
                 finish_run(&mut *conn, id, status, safe_error, cancel_rest, at).await
             }
             .boxed()
+        })
+        .await
+    }
+
+    pub(super) async fn list_runs(
+        &self,
+        tenant: &TenantId,
+        query: RunQuery,
+    ) -> Result<Vec<RunRecord>, StoreError> {
+        let (pool, tenant) = (self.pool.clone(), tenant.clone());
+        self.call(async move {
+            let rows = sqlx::query(&format!(
+                "SELECT {RUN_COLUMNS} FROM runs WHERE tenant = $1 \
+                 AND ($2::TEXT IS NULL OR run_type = $2) AND ($3::TEXT IS NULL OR status = $3) \
+                 AND ($4::TEXT IS NULL OR id < $4) ORDER BY id DESC LIMIT $5"
+            ))
+            .bind(tenant.as_str())
+            .bind(query.run_type.map(RunType::as_str))
+            .bind(query.status.map(RunStatus::as_str))
+            .bind(query.before.map(|id| id.to_string()))
+            .bind(i64::from(query.limit))
+            .fetch_all(&pool)
+            .await?;
+            rows.iter().map(run_from_row).collect()
         })
         .await
     }

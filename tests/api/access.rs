@@ -52,6 +52,7 @@ fn database_url(app: &TestApp) -> String {
 /// and `{id}` for a run id of that tenant. A new route belongs here.
 fn tenant_routes() -> Vec<(Method, &'static str)> {
     vec![
+        (Method::GET, "/admin/t/{t}/runs"),
         (Method::POST, "/admin/t/{t}/runs/snapshot_capture"),
         (Method::GET, "/admin/t/{t}/runs/snapshot_capture/{id}"),
         (Method::GET, "/admin/t/{t}/runs/snapshot_capture/{id}/items"),

@@ -15,5 +15,6 @@ mod items;
 mod outcomes;
 mod persistence;
 mod process;
+mod runs_list;
 mod store;
 mod supervision;

@@ -1,3 +1,4 @@
 pub mod health;
 pub mod items;
+mod query;
 pub mod runs;

@@ -4,12 +4,13 @@ use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
 use futures_util::StreamExt;
 
-use crate::domain::{DedupKey, RunId, RunType};
+use super::query;
+use crate::domain::{DedupKey, RunId, RunStatus, RunType};
 use crate::http::AppState;
 use crate::http::auth::TenantAccess;
-use crate::http::dto::{RunDto, RunStartRequest, RunStartResponse};
+use crate::http::dto::{RunDto, RunPage, RunStartRequest, RunStartResponse};
 use crate::http::error::ApiError;
-use crate::runtime::CancelOutcome;
+use crate::runtime::{CancelOutcome, RunQuery};
 
 /// The run type of the path; 400 `unknown_run_type` when it is none.
 pub(super) fn run_type(req: &HttpRequest) -> Result<RunType, ApiError> {
@@ -89,6 +90,64 @@ pub async fn cancel_run(
         CancelOutcome::Accepted(run) => Ok(HttpResponse::Accepted().json(RunDto::from(run))),
         CancelOutcome::AlreadyFinished(_) => Err(ApiError::AlreadyFinished),
     }
+}
+
+/// `GET /admin/t/{tenant}/runs?type=&status=&limit=&cursor=`: the
+/// tenant's runs, newest first.
+#[tracing::instrument(skip_all, fields(tenant = %tenant.0))]
+pub async fn list_runs(
+    tenant: TenantAccess,
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let params = query::params(&req, &["type", "status", "limit", "cursor"])?;
+    let run_type = match params.get("type") {
+        Some(value) => Some(
+            value
+                .parse::<RunType>()
+                .map_err(|e| ApiError::UnknownRunType(e.to_string()))?,
+        ),
+        None => None,
+    };
+    let status = match params.get("status") {
+        Some(value) => Some(
+            value
+                .parse::<RunStatus>()
+                .map_err(|e| query::invalid("status", e.to_string()))?,
+        ),
+        None => None,
+    };
+    let before = match params.get("cursor") {
+        Some(value) => Some(
+            RunId::parse(value)
+                .map_err(|_| query::invalid("cursor", "not a cursor this API gave out"))?,
+        ),
+        None => None,
+    };
+    let limit = query::limit(&params)?;
+    // One more than asked tells whether another page follows.
+    let mut runs = state
+        .directory
+        .list_runs(
+            &tenant.0,
+            RunQuery {
+                run_type,
+                status,
+                before,
+                limit: limit + 1,
+            },
+        )
+        .await?;
+    let next_cursor = if runs.len() > limit as usize {
+        runs.truncate(limit as usize);
+        runs.last().map(|run| run.id.to_string())
+    } else {
+        None
+    };
+    Ok(HttpResponse::Ok().json(RunPage {
+        runs: runs.into_iter().map(RunDto::from).collect(),
+        next_cursor,
+    }))
 }
 
 /// The run id of the path; a malformed id is a run that does not exist.
