@@ -35,6 +35,9 @@ const MAX_CONNECTIONS: u32 = 10;
 /// How long a store call waits for a free connection before it reports the
 /// store unavailable (the same bound as SQLite's read pool).
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a session may sit idle inside a transaction before the server
+/// ends it, in milliseconds.
+const IDLE_IN_TRANSACTION_TIMEOUT_MS: u64 = 5_000;
 /// A transaction PostgreSQL aborted to break a deadlock or a serialization
 /// conflict did nothing; it is tried this many times in all before the
 /// caller hears "unavailable".
@@ -59,7 +62,16 @@ impl PostgresStore {
     pub(super) async fn open(config: &DatabaseConfig) -> Result<Self, StoreError> {
         // The name shows in `pg_stat_activity`, so an operator can tell
         // runpilot's connections from others.
-        let options = PgConnectOptions::from_str(&config.url)?.application_name("runpilot");
+        let options = PgConnectOptions::from_str(&config.url)?
+            .application_name("runpilot")
+            // A node paused inside a transaction (SIGSTOP, a long GC-free
+            // stall, a cut network) would hold its row locks and keep every
+            // other node from taking its runs; the server ends such a
+            // session instead. runpilot's transactions take milliseconds.
+            .options([(
+                "idle_in_transaction_session_timeout",
+                IDLE_IN_TRANSACTION_TIMEOUT_MS.to_string(),
+            )]);
         let pool = PgPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(ACQUIRE_TIMEOUT)
@@ -294,14 +306,19 @@ impl PostgresStore {
         self.write(move |conn| {
             let node = node.clone();
             async move {
-                // Row locks make each run go to one claimer: a second one
-                // re-reads the row after the first committed, and its lease
-                // is no longer expired.
+                // Row locks make each run go to one claimer: rows another
+                // transaction holds (a concurrent claimer, or a stalled
+                // holder) are skipped, not waited for; the next heartbeat
+                // takes them once they are free (the server ends a stalled
+                // session after IDLE_IN_TRANSACTION_TIMEOUT_MS).
                 let rows = sqlx::query(&format!(
                     "UPDATE runs SET owner_node = $1, epoch = epoch + 1, lease_expires_at = $3 \
-                     WHERE status IN ('queued', 'running') AND ($4 \
-                       OR lease_expires_at IS NULL OR lease_expires_at < $2 \
-                       OR ($5 AND owner_node = $1)) \
+                     WHERE id IN (SELECT id FROM runs \
+                       WHERE status IN ('queued', 'running') AND ($4 \
+                         OR lease_expires_at IS NULL OR lease_expires_at < $2 \
+                         OR ($5 AND owner_node = $1)) \
+                       FOR UPDATE SKIP LOCKED) \
+                     AND status IN ('queued', 'running') \
                      RETURNING {RUN_COLUMNS}"
                 ))
                 .bind(&node)
