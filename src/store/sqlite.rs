@@ -28,6 +28,17 @@ use crate::domain::{
     TenantId, Timestamp, TokenRecord, TokenScope,
 };
 
+/// The value of the expected `Written` variant; any other is a bug of this
+/// file (the writer answers each kind of write with one kind of value).
+macro_rules! written {
+    ($written:expr, $variant:ident) => {
+        match $written {
+            Written::$variant(value) => Ok(value),
+            _ => Err(mismatch()),
+        }
+    };
+}
+
 /// Writes waiting in the channel are committed together, up to this many.
 const MAX_BATCH: usize = 256;
 /// How long a connection waits for another process's write lock.
@@ -160,25 +171,11 @@ impl SqliteStore {
         op: WriteOp,
         fence: (RunId, u64),
     ) -> Result<Option<RunRecord>, StoreError> {
-        match self.write_fenced(op, Some(fence)).await? {
-            Written::Run(run) => Ok(run),
-            Written::Created(_)
-            | Written::Token(_)
-            | Written::Runs(_)
-            | Written::Renewed(_)
-            | Written::Nothing => Err(mismatch()),
-        }
+        written!(self.write_fenced(op, Some(fence)).await?, Run)
     }
 
     pub(super) async fn create_run(&self, run: NewRun) -> Result<Created, StoreError> {
-        match self.write(WriteOp::CreateRun(run)).await? {
-            Written::Created(created) => Ok(created),
-            Written::Run(_)
-            | Written::Token(_)
-            | Written::Runs(_)
-            | Written::Renewed(_)
-            | Written::Nothing => Err(mismatch()),
-        }
+        written!(self.write(WriteOp::CreateRun(run)).await?, Created)
     }
 
     pub(super) async fn mark_running(
@@ -309,13 +306,11 @@ impl SqliteStore {
         now: Timestamp,
         expires_at: Timestamp,
     ) -> Result<Vec<RunRecord>, StoreError> {
-        match self
-            .write(WriteOp::ClaimRuns(node.to_owned(), scope, now, expires_at))
-            .await?
-        {
-            Written::Runs(runs) => Ok(runs),
-            _other => Err(mismatch()),
-        }
+        written!(
+            self.write(WriteOp::ClaimRuns(node.to_owned(), scope, now, expires_at))
+                .await?,
+            Runs
+        )
     }
 
     pub(super) async fn renew_leases(
@@ -323,13 +318,11 @@ impl SqliteStore {
         node: &str,
         expires_at: Timestamp,
     ) -> Result<Vec<Renewed>, StoreError> {
-        match self
-            .write(WriteOp::RenewLeases(node.to_owned(), expires_at))
-            .await?
-        {
-            Written::Renewed(renewed) => Ok(renewed),
-            _other => Err(mismatch()),
-        }
+        written!(
+            self.write(WriteOp::RenewLeases(node.to_owned(), expires_at))
+                .await?,
+            Renewed
+        )
     }
 
     pub(super) async fn release_leases(&self, node: &str) -> Result<(), StoreError> {
@@ -339,14 +332,7 @@ impl SqliteStore {
     }
 
     async fn write_token(&self, op: WriteOp) -> Result<Option<TokenRecord>, StoreError> {
-        match self.write(op).await? {
-            Written::Token(token) => Ok(token),
-            Written::Created(_)
-            | Written::Run(_)
-            | Written::Runs(_)
-            | Written::Renewed(_)
-            | Written::Nothing => Err(mismatch()),
-        }
+        written!(self.write(op).await?, Token)
     }
 
     pub(super) async fn create_token(&self, token: NewToken) -> Result<TokenRecord, StoreError> {
@@ -410,10 +396,7 @@ impl SqliteStore {
         id: RunId,
         at: Timestamp,
     ) -> Result<Option<RunRecord>, StoreError> {
-        match self.write(WriteOp::RequestCancel(id, at)).await? {
-            Written::Run(run) => Ok(run),
-            _other => Err(mismatch()),
-        }
+        written!(self.write(WriteOp::RequestCancel(id, at)).await?, Run)
     }
 
     pub(super) async fn item_page(

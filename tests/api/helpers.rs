@@ -329,23 +329,12 @@ impl DbReader {
     where
         T: for<'r> FromRow<'r, SqliteRow> + for<'r> FromRow<'r, PgRow> + Send + Unpin,
     {
-        let fetched = match self {
-            DbReader::Sqlite(pool) => {
-                let mut query = sqlx::query_as(sql);
-                for value in binds {
-                    query = query.bind(*value);
-                }
-                query.fetch_one(pool).await
-            }
-            DbReader::Postgres(pool) => {
-                let mut query = sqlx::query_as(sql);
-                for value in binds {
-                    query = query.bind(*value);
-                }
-                query.fetch_one(pool).await
-            }
-        };
-        fetched.unwrap_or_else(|e| panic!("{sql}: {e}"))
+        let rows: Vec<T> = self.fetch_all(sql, binds).await;
+        let count = rows.len();
+        match <[T; 1]>::try_from(rows) {
+            Ok([row]) => row,
+            Err(_) => panic!("{sql}: {count} rows, not one"),
+        }
     }
 
     /// Every row `sql` returns, as tuples.
@@ -353,21 +342,19 @@ impl DbReader {
     where
         T: for<'r> FromRow<'r, SqliteRow> + for<'r> FromRow<'r, PgRow> + Send + Unpin,
     {
+        // One body, two drivers: the query is built the same way for each.
+        macro_rules! fetch_all_on {
+            ($pool:expr) => {{
+                let mut query = sqlx::query_as(sql);
+                for value in binds {
+                    query = query.bind(*value);
+                }
+                query.fetch_all($pool).await
+            }};
+        }
         let fetched = match self {
-            DbReader::Sqlite(pool) => {
-                let mut query = sqlx::query_as(sql);
-                for value in binds {
-                    query = query.bind(*value);
-                }
-                query.fetch_all(pool).await
-            }
-            DbReader::Postgres(pool) => {
-                let mut query = sqlx::query_as(sql);
-                for value in binds {
-                    query = query.bind(*value);
-                }
-                query.fetch_all(pool).await
-            }
+            DbReader::Sqlite(pool) => fetch_all_on!(pool),
+            DbReader::Postgres(pool) => fetch_all_on!(pool),
         };
         fetched.unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
@@ -574,9 +561,20 @@ impl TestApp {
         id: &str,
         done: impl Fn(&Value) -> bool,
     ) -> Value {
+        self.wait_for_tenant_run(TENANT, run_type, id, done).await
+    }
+
+    /// [`TestApp::wait_for_run`] for a run of another tenant.
+    pub async fn wait_for_tenant_run(
+        &self,
+        tenant: &str,
+        run_type: &str,
+        id: &str,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let (status, run) = self.get_run(TENANT, run_type, id).await;
+            let (status, run) = self.get_run(tenant, run_type, id).await;
             assert_eq!(status, StatusCode::OK, "{run}");
             if done(&run) {
                 return run;

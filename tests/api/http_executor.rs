@@ -14,7 +14,7 @@ use runpilot::config::{Dur, ExecutorKind, RunTypeConfig};
 use runpilot::domain::RunType;
 use serde_json::{Value, json};
 
-use crate::helpers::{Backend, TestApp, on_both_backends, spawn_app_with};
+use crate::helpers::{Backend, TestApp, is_terminal, on_both_backends, spawn_app_with};
 
 const RUN_TYPE: &str = "restore_execute";
 
@@ -574,7 +574,10 @@ async fn a_429_pauses_every_run_of_the_tenant_while_other_tenants_go_on(backend:
     }
     let mut runs = Vec::new();
     for (tenant, id) in [("throttled-a", &a1), ("throttled-a", &a2), ("steady-b", &b)] {
-        runs.push(wait_for_tenant_run(&app, tenant, id).await);
+        runs.push(
+            app.wait_for_tenant_run(tenant, RUN_TYPE, id, is_terminal)
+                .await,
+        );
     }
 
     for run in &runs {
@@ -632,16 +635,4 @@ async fn a_429_pauses_every_run_of_the_tenant_while_other_tenants_go_on(backend:
         metrics.contains("runpilot_tenant_throttle_pauses_total{tenant=\"throttled-a\"}"),
         "{metrics}"
     );
-}
-
-async fn wait_for_tenant_run(app: &TestApp, tenant: &str, id: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (_, run) = app.get_run(tenant, RUN_TYPE, id).await;
-        if crate::helpers::is_terminal(&run) {
-            return run;
-        }
-        assert!(Instant::now() < deadline, "not finished: {run}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }

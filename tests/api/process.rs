@@ -323,8 +323,8 @@ async fn migrate_creates_the_schema_and_can_run_again(backend: Backend) {
     reader.close().await;
 }
 
-#[test]
-fn migrate_creates_the_sqlite_file_and_its_folder() {
+#[actix_rt::test]
+async fn migrate_creates_the_sqlite_file_and_its_folder() {
     let dir = tempfile::tempdir().unwrap();
     let output = runpilot(dir.path())
         .arg("migrate")
@@ -332,7 +332,22 @@ fn migrate_creates_the_sqlite_file_and_its_folder() {
         .output()
         .unwrap();
     assert!(output.status.success(), "{output:?}");
-    assert!(dir.path().join("nested/deeper/r.db").exists());
+    let file = dir.path().join("nested/deeper/r.db");
+    assert!(file.exists());
+    // WAL is a property of the file: every later connection sees it.
+    let pool = sqlx::SqlitePool::connect_with(
+        sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&file)
+            .read_only(true),
+    )
+    .await
+    .unwrap();
+    let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(mode, "wal");
+    pool.close().await;
 }
 
 #[test]

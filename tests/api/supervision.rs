@@ -183,15 +183,14 @@ async fn one_tenants_queue_does_not_delay_another_tenants_run(backend: Backend) 
     let quiet = app
         .wait_until_finished("backup_set_add_policies", &quiet_id)
         .await;
-    let tenth = loop {
-        let (_, run) = app
-            .get_run("busy-tenant", "backup_set_add_policies", &busy[9])
-            .await;
-        if crate::helpers::is_terminal(&run) {
-            break run;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let tenth = app
+        .wait_for_tenant_run(
+            "busy-tenant",
+            "backup_set_add_policies",
+            &busy[9],
+            crate::helpers::is_terminal,
+        )
+        .await;
 
     assert_eq!(quiet["status"], "succeeded");
     assert!(

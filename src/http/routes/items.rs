@@ -14,25 +14,14 @@ use crate::runtime::ItemQuery;
 /// Reads `status`, `limit` and `cursor`; any other parameter is refused.
 fn item_query(req: &HttpRequest) -> Result<ItemQuery, ApiError> {
     let params = query::params(req, &["status", "limit", "cursor"])?;
-    let status = match params.get("status") {
-        Some(value) => Some(
-            value
-                .parse::<ItemStatus>()
-                .map_err(|e| query::invalid("status", e.to_string()))?,
-        ),
-        None => None,
-    };
-    let after = match params.get("cursor") {
-        Some(value) => Some(
-            value
-                .parse::<u64>()
-                .map_err(|_| query::invalid("cursor", "not a cursor this API gave out"))?,
-        ),
-        None => None,
-    };
     Ok(ItemQuery {
-        status,
-        after,
+        status: query::optional(&params, "status", |v| {
+            v.parse::<ItemStatus>()
+                .map_err(|e| query::invalid("status", e.to_string()))
+        })?,
+        after: query::optional(&params, "cursor", |v| {
+            v.parse::<u64>().map_err(|_| query::bad_cursor())
+        })?,
         limit: query::limit(&params)?,
     })
 }
@@ -45,8 +34,7 @@ pub async fn list_items(
     let run_type = run_type(&req)?;
     let id = run_id(&req)?;
     let query = item_query(&req)?;
-    let limit = query.limit as usize;
-    // One more than asked tells whether another page follows.
+    let limit = query.limit;
     let probe = ItemQuery {
         limit: query.limit + 1,
         ..query
@@ -56,12 +44,7 @@ pub async fn list_items(
         .list_items(&tenant.0, run_type, id, probe)
         .await?
         .ok_or(ApiError::NotFound)?;
-    let next_cursor = if page.len() > limit {
-        page.truncate(limit);
-        page.last().map(|(position, _)| position.to_string())
-    } else {
-        None
-    };
+    let next_cursor = query::cut_page(&mut page, limit, |(position, _)| position.to_string());
     Ok(HttpResponse::Ok().json(ItemPage {
         items: page
             .into_iter()

@@ -43,3 +43,33 @@ pub fn limit(params: &HashMap<String, String>) -> Result<u32, ApiError> {
             .ok_or_else(|| invalid("limit", format!("a whole number from 1 to {MAX_LIMIT}"))),
     }
 }
+
+/// The parameter `key` parsed by `parse`, when present.
+pub fn optional<T>(
+    params: &HashMap<String, String>,
+    key: &str,
+    parse: impl FnOnce(&str) -> Result<T, ApiError>,
+) -> Result<Option<T>, ApiError> {
+    params.get(key).map(|value| parse(value)).transpose()
+}
+
+/// Cuts a page fetched with one row more than `limit` (that row tells that
+/// another page follows) and returns the cursor of the next page.
+pub fn cut_page<T>(
+    rows: &mut Vec<T>,
+    limit: u32,
+    cursor_of: impl Fn(&T) -> String,
+) -> Option<String> {
+    let limit = limit as usize;
+    if rows.len() > limit {
+        rows.truncate(limit);
+        rows.last().map(cursor_of)
+    } else {
+        None
+    }
+}
+
+/// The error of a cursor this API did not give out.
+pub fn bad_cursor() -> ApiError {
+    invalid("cursor", "not a cursor this API gave out")
+}

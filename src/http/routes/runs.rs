@@ -101,49 +101,23 @@ pub async fn list_runs(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let params = query::params(&req, &["type", "status", "limit", "cursor"])?;
-    let run_type = match params.get("type") {
-        Some(value) => Some(
-            value
-                .parse::<RunType>()
-                .map_err(|e| ApiError::UnknownRunType(e.to_string()))?,
-        ),
-        None => None,
-    };
-    let status = match params.get("status") {
-        Some(value) => Some(
-            value
-                .parse::<RunStatus>()
-                .map_err(|e| query::invalid("status", e.to_string()))?,
-        ),
-        None => None,
-    };
-    let before = match params.get("cursor") {
-        Some(value) => Some(
-            RunId::parse(value)
-                .map_err(|_| query::invalid("cursor", "not a cursor this API gave out"))?,
-        ),
-        None => None,
-    };
     let limit = query::limit(&params)?;
-    // One more than asked tells whether another page follows.
-    let mut runs = state
-        .directory
-        .list_runs(
-            &tenant.0,
-            RunQuery {
-                run_type,
-                status,
-                before,
-                limit: limit + 1,
-            },
-        )
-        .await?;
-    let next_cursor = if runs.len() > limit as usize {
-        runs.truncate(limit as usize);
-        runs.last().map(|run| run.id.to_string())
-    } else {
-        None
+    let wanted = RunQuery {
+        run_type: query::optional(&params, "type", |v| {
+            v.parse::<RunType>()
+                .map_err(|e| ApiError::UnknownRunType(e.to_string()))
+        })?,
+        status: query::optional(&params, "status", |v| {
+            v.parse::<RunStatus>()
+                .map_err(|e| query::invalid("status", e.to_string()))
+        })?,
+        before: query::optional(&params, "cursor", |v| {
+            RunId::parse(v).map_err(|_| query::bad_cursor())
+        })?,
+        limit: limit + 1,
     };
+    let mut runs = state.directory.list_runs(&tenant.0, wanted).await?;
+    let next_cursor = query::cut_page(&mut runs, limit, |run| run.id.to_string());
     Ok(HttpResponse::Ok().json(RunPage {
         runs: runs.into_iter().map(RunDto::from).collect(),
         next_cursor,
